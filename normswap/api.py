@@ -1,0 +1,69 @@
+"""The public functions: apply, plan, check, load, list_recipes."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from . import engine
+from .check import CheckResult, check as run_check
+from .errors import CheckFailedError
+from .io import load
+from .recipe import Recipe, list_recipes, load_recipe
+from .report import Report
+
+__all__ = ["apply", "plan", "check", "load", "list_recipes"]
+
+
+def plan(model: nn.Module, recipe: Recipe | Mapping | str, **kwargs: Any) -> Report:
+    """What ``apply`` would do, as a Report, without touching ``model``."""
+    p = engine.plan(model, recipe, **kwargs)
+    return Report.from_plan(p, model, applied=False)
+
+
+def apply(
+    model: nn.Module,
+    recipe: Recipe | Mapping | str,
+    *,
+    inplace: bool = False,
+    return_report: bool = False,
+    check: bool = False,
+    example_inputs: Any = None,
+    input_size: tuple[int, ...] | None = None,
+    **params: Any,
+):
+    """Rewrite ``model`` by ``recipe`` (a built-in name, a YAML path, a dict or a Recipe).
+
+    Returns a rewritten copy, or ``model`` itself with ``inplace=True``; with
+    ``return_report=True`` a ``(model, Report)`` pair. Recipe parameters are
+    keyword arguments (``num_groups=16``). With ``check=True`` the recipe's
+    check runs on the result; if it fails, CheckFailedError is raised and the
+    caller's model is left as it was. Any error leaves the caller's model unchanged.
+    """
+    p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, **params)
+    report = Report.from_plan(p, model, applied=True)
+    reference = engine.copy_model(model) if (check and inplace) else model
+    target = model if inplace else engine.copy_model(model)
+    undo = engine.commit(target, p)
+    if check and p.recipe.check != "none":
+        inputs = example_inputs
+        result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size)
+        report.check = {"mode": result.mode, **result.to_json()}
+        if not result.ok:
+            if inplace:
+                engine.rollback(undo)
+            raise CheckFailedError(
+                f"recipe '{p.recipe.name}': the rewritten model failed the {result.mode} check: {result.summary}",
+                result=result, report=report,
+            )
+    return (target, report) if return_report else target
+
+
+def check(reference: nn.Module, candidate: nn.Module, inputs: Any = None, **kwargs: Any) -> CheckResult:
+    """Compare two models; see normswap.check.check for the options."""
+    return run_check(reference, candidate, inputs, **kwargs)
+
+
+def recipe(ref: Recipe | Mapping | str, **params: Any) -> Recipe:
+    """Load and validate a recipe without applying it."""
+    return load_recipe(ref, params)

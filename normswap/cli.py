@@ -1,0 +1,233 @@
+"""The normswap command line. The only module that prints or exits.
+
+Exit codes: 0 success, 1 a check failed (nothing written), 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from . import __version__, engine
+from .check import check as run_check
+from .errors import InputSpecError, NormswapError
+from .inputs import parse_input_size
+from .io import Loaded, load_model, resolve_output, save_model
+from .recipe import list_recipes, load_recipe, schema_text
+from .report import Report
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: exit 2 with usage, no traceback
+        self.print_usage(sys.stderr)
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _model_args(p: argparse.ArgumentParser, name: str = "model") -> None:
+    p.add_argument(name, metavar=name.upper(), help="timm:NAME, torchvision:NAME, package.module:factory, or a file")
+    p.add_argument("--arch", help="architecture spec for a state-dict file (e.g. timm:resnet50)")
+    p.add_argument("--weights", help="state dict to load into a spec-built model")
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole module (runs code from the file)")
+    p.add_argument("--ema", action="store_true", help="prefer the EMA weights of a training checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="normswap", description="Model surgery for normalization layers.")
+    parser.add_argument("--version", action="version", version=f"normswap {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("apply", help="rewrite a model by a recipe")
+    p.add_argument("recipe", metavar="RECIPE", help="built-in recipe name or YAML file")
+    _model_args(p)
+    p.add_argument("-o", "--output", help="output file (.safetensors or .pt); required unless --dry-run")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; change and write nothing")
+    p.add_argument("--set", action="append", default=[], metavar="K=V", help="set a recipe parameter")
+    p.add_argument("--input-size", help="example input shape for analysis and checks, e.g. 1,3,224,224")
+    p.add_argument("--no-check", action="store_true", help="skip the recipe's check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("inspect", help="list the normalization layers with their producers and users")
+    _model_args(p)
+    p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("check", help="compare two models on the same inputs")
+    p.add_argument("reference", metavar="REFERENCE")
+    p.add_argument("candidate", metavar="CANDIDATE")
+    p.add_argument("--arch", help="architecture spec for state-dict files")
+    p.add_argument("--trust-pickle", action="store_true")
+    p.add_argument("--input-size")
+    p.add_argument("--mode", choices=("numeric", "interface"), default="numeric")
+    p.add_argument("--rtol", type=float)
+    p.add_argument("--atol", type=float)
+    p.add_argument("--float64", action="store_true", help="compare float64 copies of both models")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("schema", help="print the JSON Schema for recipe files")
+    return parser
+
+
+def _console(stream=None):
+    from rich.console import Console
+
+    return Console(file=stream or sys.stdout, width=140, soft_wrap=False, highlight=False)
+
+
+def _params(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise NormswapError(f"--set {item!r} is not KEY=VALUE", fix="write it like --set num_groups=16", code="input_invalid")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _load(args, source: str | None = None) -> Loaded:
+    loaded = load_model(
+        source or args.model, arch=args.arch, weights=getattr(args, "weights", None),
+        trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False),
+    )
+    if getattr(args, "input_size", None):
+        loaded.input_size = list(parse_input_size(args.input_size))
+    return loaded
+
+
+def cmd_apply(args) -> int:
+    recipe = load_recipe(args.recipe, _params(args.set))
+    if not args.dry_run and not args.output:
+        raise NormswapError("apply needs -o OUT (or --dry-run)", fix="add -o result.safetensors", code="input_invalid")
+    loaded = _load(args)
+    out = resolve_output(args.output, loaded) if not args.dry_run else None
+    input_size = tuple(loaded.input_size) if loaded.input_size else None
+    plan = engine.plan(loaded.model, recipe, input_size=input_size)
+    report = Report.from_plan(plan, loaded.model, applied=not args.dry_run)
+    report.notes[:0] = loaded.notes
+    if args.dry_run:
+        _emit(args, report)
+        return 0
+    model = engine.copy_model(loaded.model)
+    engine.commit(model, plan)
+    status = 0
+    if recipe.check != "none" and not args.no_check:
+        result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size)
+        report.check = {"mode": result.mode, **result.to_json()}
+        if not result.ok:
+            status = 1
+    if status == 0:
+        step = {"recipe": recipe.to_data(), "layers": {ch.path: ch.new_type for ch in plan.changes}}
+        save_model(model, out, loaded, [step], report.to_json())
+        report.notes.append(f"wrote {out} and {out.name}.json")
+    else:
+        report.notes.append("the check failed: nothing was written")
+    _emit(args, report)
+    return status
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import inspect_model
+
+    loaded = _load(args)
+    table = inspect_model(loaded.model, input_size=tuple(loaded.input_size) if loaded.input_size else None)
+    if args.json:
+        print(json.dumps(table.to_json(), indent=2))
+    else:
+        table.render(_console())
+    return 0
+
+
+def cmd_check(args) -> int:
+    ref = load_model(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
+    cand = load_model(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
+    import torch
+
+    result = run_check(
+        ref.model, cand.model, mode=args.mode, rtol=args.rtol, atol=args.atol,
+        input_size=parse_input_size(args.input_size) if args.input_size else None,
+        dtype=torch.float64 if args.float64 else None,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _console().print(f"check ({result.mode}): {result.summary}")
+    return 0 if result.ok else 1
+
+
+def cmd_recipes(args) -> int:
+    rows = []
+    for name in list_recipes():
+        r = load_recipe(name)
+        rows.append({"name": name, "description": " ".join(r.description.split()), "check": r.check,
+                     "params": dict(r.params)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    for col in ("recipe", "params", "description"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
+        table.add_row(row["name"], params, row["description"])
+    _console().print(table)
+    return 0
+
+
+def _emit(args, report: Report) -> None:
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, default=str))
+    else:
+        report.render(_console())
+
+
+COMMANDS = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "recipes": cmd_recipes}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI in-process; returns the exit code."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "schema":
+            sys.stdout.write(schema_text())
+            return 0
+        return COMMANDS[args.command](args)
+    except SystemExit as e:  # --help / --version
+        return int(e.code or 0)
+    except _UsageError as e:
+        _fail(want_json, "usage", str(e), None)
+        return 2
+    except (NormswapError, InputSpecError) as e:
+        _fail(want_json, e.code, e.message, e.fix, extra=e.to_json())
+        return 2
+
+
+def _fail(want_json: bool, code: str, message: str, fix: str | None, extra: dict | None = None) -> None:
+    if want_json:
+        print(json.dumps({"error": extra or {"code": code, "message": message, "fix": fix}}, indent=2))
+    else:
+        print(f"normswap: error: {message}", file=sys.stderr)
+        if fix:
+            print(f"  fix: {fix}", file=sys.stderr)
+
+
+def main_entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Plan, then apply.
+
+``plan`` reads the model and builds every replacement module up front, so every
+way a rewrite can fail happens before anything is edited. ``apply`` then swaps
+the prepared modules into the module tree (of a copy, or of the model itself
+with ``inplace=True``); the swap is plain attribute assignment on parents that
+were all looked up first, so it cannot stop halfway.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch.nn as nn
+
+from . import registry
+from .errors import NormswapError, PlanError
+from .graph import DataFlow, record
+from .inputs import make_inputs
+from .recipe import Recipe, Rule, load_recipe
+from .registry import Built, SkipLayer
+
+
+@dataclass
+class LayerContext:
+    """What a replacement factory may read about the layer it is building for."""
+
+    path: str
+    paths: list[str]
+    module: nn.Module  # the caller's module: read it, never change it
+    options: dict[str, Any]
+    carry: frozenset[str]
+    rule: Rule
+    recipe: Recipe
+    flow: DataFlow | None
+
+    def fail(self, message: str, fix: str | None = None) -> None:
+        raise PlanError(
+            f"recipe '{self.recipe.name}' {self.rule.label()}, layer '{self.path}' "
+            f"({type(self.module).__name__}): {message}",
+            fix=fix or f"change the rule in {self.recipe.source}",
+        )
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        if self.flow is None:
+            return None
+        try:
+            return self.flow.input_shape(self.path)
+        except KeyError:
+            return None
+
+
+@dataclass
+class Change:
+    rule: Rule
+    path: str
+    aliases: list[str]
+    old: nn.Module = field(repr=False)
+    new: nn.Module = field(repr=False)
+    notes: list[str]
+    carried: dict[str, str]
+
+    @property
+    def old_type(self) -> str:
+        return type(self.old).__name__
+
+    @property
+    def new_type(self) -> str:
+        return type(self.new).__name__
+
+
+@dataclass
+class Skip:
+    path: str
+    type: str
+    reason: str
+    rule: str | None = None
+
+
+@dataclass
+class Plan:
+    """A dry run: every change with its prepared module, every skip with its reason."""
+
+    recipe: Recipe
+    model_type: str
+    changes: list[Change]
+    skipped: list[Skip]
+    rule_matches: list[tuple[Rule, int]]
+    notes: list[str] = field(default_factory=list)
+
+    def param_map(self, model: nn.Module) -> dict[str, str | None]:
+        """Old parameter name -> new name (None where the parameter is gone), for the whole model."""
+        moved: dict[str, str | None] = {}
+        for ch in self.changes:
+            new_names = {n for n, _ in ch.new.named_parameters()}
+            for local, _ in ch.old.named_parameters():
+                target = ch.carried.get(local, local if "." in local else None)
+                moved[f"{ch.path}.{local}"] = (
+                    f"{ch.path}.{target}" if target is not None and target in new_names else None
+                )
+        return {name: moved.get(name, name) for name, _ in model.named_parameters()}
+
+    def new_params(self) -> list[str]:
+        out = []
+        for ch in self.changes:
+            carried = set(ch.carried.values())
+            for local, _ in ch.new.named_parameters():
+                if local not in carried and not ("." in local and hasattr(ch.old, local.split(".")[0])):
+                    out.append(f"{ch.path}.{local}")
+        return out
+
+
+def module_paths(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Each distinct module once, with every path it is reachable at (first = canonical)."""
+    seen: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        entry = seen.get(id(mod))
+        if entry is None:
+            seen[id(mod)] = (mod, [name])
+        else:
+            entry[1].append(name)
+    return list(seen.values())
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def plan(
+    model: nn.Module,
+    recipe: Recipe | Mapping | str,
+    *,
+    example_inputs: Any = None,
+    input_size: tuple[int, ...] | None = None,
+    flow: DataFlow | None = None,
+    **params: Any,
+) -> Plan:
+    """Everything ``apply`` would do, without touching ``model``."""
+    if not isinstance(model, nn.Module):
+        raise NormswapError(f"expected a torch.nn.Module, got {type(model).__name__}", code="model_load")
+    recipe = load_recipe(recipe, params)
+    options = recipe.resolved_options()
+    repls = [registry.get(r.replace) for r in recipe.rules]
+
+    if flow is None and any(r.needs_analysis for r in repls):
+        inputs = example_inputs if example_inputs is not None else make_inputs(model, input_size)
+        flow = record(model, inputs)
+
+    changes: list[Change] = []
+    skipped: list[Skip] = []
+    counts = [0] * len(recipe.rules)
+    replaced: list[str] = []
+    errors: list[PlanError] = []
+    for module, paths in module_paths(model):
+        if _under(paths[0], replaced) and paths[0] not in replaced:
+            continue  # inside a layer that is being replaced as a whole
+        rule_i = next((i for i, r in enumerate(recipe.rules) if r.selector.matches(module, paths)), None)
+        if rule_i is None:
+            for r in recipe.rules:
+                why = r.selector.near_miss(module) if r.selector.path_matches(paths) else None
+                if why:
+                    skipped.append(Skip(paths[0], type(module).__name__, why, r.label()))
+                    break
+            continue
+        rule, repl = recipe.rules[rule_i], repls[rule_i]
+        counts[rule_i] += 1
+        if paths[0] == "":
+            skipped.append(Skip("(model)", type(module).__name__, "the model itself cannot be replaced", rule.label()))
+            continue
+        ctx = LayerContext(
+            path=paths[0], paths=paths, module=module, options=dict(options[rule_i]),
+            carry=frozenset(rule.carry if rule.carry is not None else repl.default_carry),
+            rule=rule, recipe=recipe, flow=flow,
+        )
+        try:
+            built: Built = repl.build(ctx)
+        except SkipLayer as s:
+            skipped.append(Skip(paths[0], type(module).__name__, s.reason, rule.label()))
+            continue
+        except NormswapError as e:
+            errors.append(e if isinstance(e, PlanError) else PlanError(str(e)))
+            continue
+        except Exception as e:  # a factory that could not handle this layer
+            errors.append(PlanError(
+                f"recipe '{recipe.name}' {rule.label()}: {repl.name} failed on layer '{paths[0]}' "
+                f"({type(module).__name__}): {type(e).__name__}: {e}",
+                fix="exclude this layer with 'exclude:' in the rule's match",
+            ))
+            continue
+        changes.append(Change(rule, paths[0], paths, module, built.module, built.notes, built.carried))
+        replaced.extend(paths)
+
+    for rule, n in zip(recipe.rules, counts):
+        if rule.required and n == 0:
+            errors.append(PlanError(
+                f"recipe '{recipe.name}' {rule.label()} is required but matched no layer of "
+                f"{type(model).__name__}",
+                fix=f"check its match block at {recipe.source}" + (f":{rule.line}" if rule.line else "")
+                + ", or set 'required: false'",
+            ))
+    if errors:
+        if len(errors) == 1:
+            raise errors[0]
+        raise PlanError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+    return Plan(recipe, type(model).__name__, changes, skipped, list(zip(recipe.rules, counts)))
+
+
+def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    if attr not in parent._modules:
+        raise AttributeError(path)
+    return parent, attr
+
+
+def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Swap the prepared modules into ``model``; returns (parent, attr, old) for rollback."""
+    slots = []
+    for ch in plan_.changes:
+        for path in ch.aliases:
+            try:
+                parent, attr = _locate(model, path)
+            except AttributeError:
+                raise PlanError(f"layer '{path}' is not in the model the plan is applied to") from None
+            current = parent._modules[attr]
+            if type(current) is not type(ch.old):
+                raise PlanError(
+                    f"layer '{path}' is a {type(current).__name__}, the plan expected {ch.old_type}: "
+                    "the model changed since it was planned"
+                )
+            slots.append((parent, attr, current, ch.new))
+    for parent, attr, _, new in slots:  # assignment only: nothing here can fail halfway
+        parent._modules[attr] = new
+    return [(parent, attr, old) for parent, attr, old, _ in slots]
+
+
+def rollback(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    for parent, attr, old in reversed(undo):
+        parent._modules[attr] = old
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:
+        raise NormswapError(
+            f"cannot copy {type(model).__name__} to rewrite it: {type(e).__name__}: {e}",
+            fix="pass inplace=True to rewrite the model itself",
+            code="model_copy",
+        ) from None

@@ -1,0 +1,305 @@
+"""Data-flow analysis of a model by recording one real forward pass into an FX graph.
+
+Why record instead of ``torch.fx.symbolic_trace``: symbolic tracing fails whole
+on models with data-dependent control flow (TF "same" padding, efficientvit),
+and it traces timm's norm-act layers into functional calls. A real forward runs
+on every model; forward hooks mark calls of leaf modules and a
+TorchFunctionMode sees every tensor operation between them. The result is a
+``torch.fx.Graph`` whose ``call_module`` nodes are leaf-module calls (one node
+per call) and whose ``call_function`` nodes are the operations between them.
+``node.users`` counts real users only: an argument read just for its shape or
+dtype (``y.reshape_as(x)``, ``torch.zeros_like(x)``, ``x.shape``) is not an
+edge. ``benchmarks/analysis_choice.py`` measures this against symbolic tracing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .errors import InputSpecError
+from .families import family_of
+
+# Functions that read only metadata (shape, dtype, device) of every tensor argument.
+_META_ATTRS = {
+    "shape", "ndim", "dtype", "device", "layout", "requires_grad", "is_cuda", "is_sparse",
+    "is_quantized", "is_meta", "names", "grad_fn", "is_leaf", "itemsize", "nbytes",
+}
+_META_METHODS = {
+    "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
+    "is_floating_point", "is_complex", "element_size", "get_device", "__len__", "data_ptr",
+    "is_tensor", "is_nonzero_shape",
+}
+# (name -> indexes of arguments read for metadata only)
+_SHAPE_ONLY_ARGS = {
+    "reshape_as": (1,), "view_as": (1,), "expand_as": (1,), "type_as": (1,),
+    "zeros_like": (0,), "ones_like": (0,), "empty_like": (0,), "full_like": (0,),
+    "rand_like": (0,), "randn_like": (0,), "randint_like": (0,),
+    "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,), "new_full": (0,), "new_tensor": (0,),
+}
+
+
+def func_name(func: Any) -> str:
+    """A readable name for a torch function, method or attribute getter."""
+    if getattr(func, "__name__", None) == "__get__":
+        owner = getattr(func, "__self__", None)
+        return f"Tensor.{getattr(owner, '__name__', '?')}"
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return name.replace("TensorBase.", "Tensor.").replace("_TensorBase.", "Tensor.")
+
+
+def _short(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def is_leaf_module(module: nn.Module) -> bool:
+    """Leaf for recording: no children besides parametrizations, or a known norm(-act) layer."""
+    if family_of(module) is not None or type(module).__module__.startswith("timm.layers.norm_act"):
+        return True
+    return all(name == "parametrizations" for name in module._modules)
+
+
+@dataclass
+class ModuleCalls:
+    """Everything the recording learned about one module object."""
+
+    path: str  # canonical path (first in named_modules order)
+    aliases: list[str]
+    module: nn.Module
+    nodes: list[fx.Node] = field(default_factory=list)  # one per call
+
+    @property
+    def call_count(self) -> int:
+        return len(self.nodes)
+
+
+class DataFlow:
+    """The recorded graph plus per-module facts: producers, users, call counts, aliases."""
+
+    def __init__(self, graph: fx.Graph, modules: dict[str, ModuleCalls]):
+        self.graph = graph
+        self.modules = modules  # canonical path -> ModuleCalls (every leaf module, called or not)
+
+    # -- per-module facts ---------------------------------------------------
+    def calls(self, path: str) -> list[fx.Node]:
+        return self.modules[self.canonical(path)].nodes
+
+    def canonical(self, path: str) -> str:
+        if path in self.modules:
+            return path
+        for mc in self.modules.values():
+            if path in mc.aliases:
+                return mc.path
+        raise KeyError(path)
+
+    def call_count(self, path: str) -> int:
+        return len(self.calls(path))
+
+    def input_node(self, path: str, call: int = 0) -> fx.Node | None:
+        """The node producing the first tensor input of ``path``'s ``call``-th call."""
+        nodes = self.calls(path)
+        if call >= len(nodes):
+            return None
+        tensors = [a for a in pytree.tree_leaves((nodes[call].args, nodes[call].kwargs)) if isinstance(a, fx.Node)]
+        return tensors[0] if tensors else None
+
+    def output_users(self, path: str, call: int = 0) -> list[fx.Node]:
+        """Real users of the output of ``path``'s ``call``-th call."""
+        nodes = self.calls(path)
+        if call >= len(nodes):
+            return []
+        return users_of(nodes[call])
+
+    def input_shape(self, path: str, call: int = 0) -> tuple[int, ...] | None:
+        nodes = self.calls(path)
+        if call >= len(nodes):
+            return None
+        return nodes[call].meta.get("input_shape")
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    """Real users of a node's value; a multi-output node's users are those of its getitem children."""
+    out = []
+    for user in node.users:
+        if user.target is operator.getitem and user.meta.get("unpack"):
+            out.extend(user.users)
+        else:
+            out.append(user)
+    return out
+
+
+def describe(node: fx.Node | None) -> str:
+    """``conv1 (Conv2d)``, ``torch.cat``, ``input x``, ``output``."""
+    if node is None:
+        return "-"
+    if node.op == "call_module":
+        call = node.meta.get("call_index", 0)
+        suffix = f" call {call + 1}" if call else ""
+        return f"{node.target} ({node.meta.get('module_type', '?')}){suffix}"
+    if node.op == "placeholder":
+        return f"input {node.name}"
+    if node.op == "output":
+        return "model output"
+    if node.op == "get_attr":
+        return f"tensor {node.target}"
+    if node.target is operator.getitem and node.meta.get("unpack"):
+        return describe(node.args[0]) + f"[{node.args[1]}]"
+    return node.meta.get("func_name", str(node.target))
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.graph = fx.Graph()
+        self.producer: dict[int, fx.Node] = {}  # id(tensor) -> node holding its current value
+        self.keep: list[torch.Tensor] = []  # keeps ids unique while recording
+        self.depth = 0
+        self.pending: list[tuple[nn.Module, tuple, dict]] = []
+        self.named_tensors = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+        self.named_tensors.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+        self.paths: dict[int, ModuleCalls] = {}
+        for name, mod in model.named_modules(remove_duplicate=False):
+            mc = self.paths.get(id(mod))
+            if mc is None:
+                self.paths[id(mod)] = ModuleCalls(name, [name], mod)
+            else:
+                mc.aliases.append(name)
+
+    # -- value bookkeeping ---------------------------------------------------
+    def node_for(self, t: torch.Tensor) -> fx.Node:
+        node = self.producer.get(id(t))
+        if node is None:
+            name = self.named_tensors.get(id(t))
+            node = self.graph.get_attr(name if name is not None else f"_constant_{len(self.producer)}")
+            node.meta["shape"] = tuple(t.shape)
+            self.bind(t, node)
+        return node
+
+    def bind(self, t: torch.Tensor, node: fx.Node) -> None:
+        self.producer[id(t)] = node
+        self.keep.append(t)
+
+    def to_args(self, value: Any, skip_idx: Iterable[int] = ()) -> Any:
+        """Tensors -> nodes; tensors at shape-only positions -> their shape (not an edge)."""
+        skip = set(skip_idx)
+
+        def conv(i, v):
+            if i in skip:
+                return pytree.tree_map(lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else x, v)
+            return pytree.tree_map(lambda x: self.node_for(x) if isinstance(x, torch.Tensor) else x, v)
+
+        if isinstance(value, tuple):
+            return tuple(conv(i, v) for i, v in enumerate(value))
+        return conv(-1, value)
+
+    def bind_outputs(self, node: fx.Node, out: Any) -> None:
+        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        if len(leaves) == 1 and isinstance(out, torch.Tensor):
+            node.meta["shape"] = tuple(out.shape)
+            self.bind(out, node)
+            return
+        for i, t in enumerate(leaves):
+            item = self.graph.call_function(operator.getitem, (node, i))
+            item.meta.update(unpack=True, shape=tuple(t.shape))
+            self.bind(t, item)
+
+    # -- torch function calls between leaf modules --------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.depth == 0:
+            self.record_function(func, args, kwargs, out)
+        return out
+
+    def record_function(self, func, args, kwargs, out) -> None:
+        name = func_name(func)
+        short = _short(name)
+        if short in _META_METHODS or (name.startswith("Tensor.") and short in _META_ATTRS):
+            return
+        if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs, out))):
+            return
+        node_args = self.to_args(tuple(args), _SHAPE_ONLY_ARGS.get(short, ()))
+        node_kwargs = self.to_args(kwargs)
+        node = self.graph.call_function(func, node_args, node_kwargs)
+        node.meta["func_name"] = name
+        if out is None and short == "__setitem__" and isinstance(args[0], torch.Tensor):
+            out = args[0]  # the indexed tensor now holds a new value
+        self.bind_outputs(node, out)
+
+    # -- leaf-module calls (forward hooks) -----------------------------------
+    def pre_hook(self, module, args, kwargs):
+        if self.depth == 0:
+            self.pending.append((module, args, kwargs))
+        self.depth += 1
+
+    def post_hook(self, module, args, kwargs, out):
+        self.depth -= 1
+        if self.depth != 0:
+            return
+        mod, in_args, in_kwargs = self.pending.pop()
+        mc = self.paths[id(mod)]
+        node_args = self.to_args(tuple(in_args))
+        node_kwargs = self.to_args(in_kwargs)
+        node = self.graph.call_module(mc.path, node_args, node_kwargs)
+        first = next((a for a in pytree.tree_leaves((in_args, in_kwargs)) if isinstance(a, torch.Tensor)), None)
+        node.meta.update(
+            module_type=type(mod).__name__,
+            call_index=len(mc.nodes),
+            input_shape=tuple(first.shape) if first is not None else None,
+        )
+        mc.nodes.append(node)
+        if out is not None:
+            self.bind_outputs(node, out)
+
+
+def record(model: nn.Module, example_inputs: Any) -> DataFlow:
+    """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return its data flow.
+
+    The model is left as it was: hooks are removed and train/eval flags restored.
+    """
+    rec = _Recorder(model)
+    handles = []
+    seen = set()
+    for mc in rec.paths.values():
+        if id(mc.module) in seen or not is_leaf_module(mc.module):
+            continue
+        seen.add(id(mc.module))
+        handles.append(mc.module.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
+        handles.append(mc.module.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
+    modes = {id(m): m.training for m in model.modules()}
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        for leaf in pytree.tree_leaves(args):
+            if isinstance(leaf, torch.Tensor):
+                node = rec.graph.placeholder(f"x{len(rec.producer)}")
+                node.meta["shape"] = tuple(leaf.shape)
+                rec.bind(leaf, node)
+        model.eval()
+        with torch.no_grad(), rec:
+            out = model(*args)
+        outputs = pytree.tree_map(lambda x: rec.node_for(x) if isinstance(x, torch.Tensor) else None, out)
+        rec.graph.output(outputs)
+    except InputSpecError:
+        raise
+    except Exception as e:  # the user's model refused the example input
+        shapes = [tuple(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        raise InputSpecError(
+            f"the model's forward pass failed on an example input of shape {shapes}: {type(e).__name__}: {e}",
+            fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...)",
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+        for m in model.modules():
+            m.training = modes.get(id(m), m.training)
+        rec.keep.clear()
+    modules = {
+        mc.path: mc for mc in rec.paths.values() if is_leaf_module(mc.module)
+    }
+    return DataFlow(rec.graph, modules)

@@ -1,0 +1,75 @@
+"""``normswap inspect``: every normalization layer and where its input comes from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from .families import channels_of, family_of, is_norm_layer, near_family_of
+from .graph import DataFlow, describe, record, users_of
+from .inputs import infer_input_size, make_inputs
+
+
+@dataclass
+class InspectTable:
+    model_type: str
+    input_shape: list[int]
+    rows: list[dict]
+
+    def to_json(self) -> dict:
+        return {"model_type": self.model_type, "input_shape": self.input_shape, "layers": self.rows,
+                "summary": self.summary()}
+
+    def summary(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.rows:
+            out[r["family"]] = out.get(r["family"], 0) + 1
+        return out
+
+    def render(self, console) -> None:
+        from rich.table import Table
+
+        table = Table(show_edge=False, header_style="bold")
+        for col in ("layer", "class", "C", "mode", "calls", "input from", "that output also feeds"):
+            table.add_column(col, overflow="fold")
+        for r in self.rows:
+            path = r["path"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
+            others = [u for u in r["producer_users"] if u != r["path"]]
+            table.add_row(path, r["class"], str(r["channels"]), r["mode"], str(r["calls"]), r["producer"] or "-",
+                          ", ".join(others) or "-")
+        console.print(table)
+        counts = ", ".join(f"{n} {fam}" for fam, n in self.summary().items()) or "none"
+        console.print(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "
+                      f"(input {tuple(self.input_shape)})")
+
+
+def inspect_model(model: nn.Module, *, input_size: tuple[int, ...] | None = None,
+                  example_inputs: Any = None, flow: DataFlow | None = None) -> InspectTable:
+    if example_inputs is None:
+        example_inputs = make_inputs(model, input_size)
+    if flow is None:
+        flow = record(model, example_inputs)
+    rows = []
+    for path, mc in flow.modules.items():
+        mod = mc.module
+        if not is_norm_layer(mod):
+            continue
+        src = flow.input_node(path) if mc.nodes else None
+        producer_users = [describe(u).split(" (")[0] for u in users_of(src)] if src is not None else []
+        rows.append({
+            "path": path,
+            "aliases": mc.aliases[1:],
+            "class": type(mod).__name__,
+            "family": family_of(mod) or f"{near_family_of(mod)} (subclass)",
+            "channels": channels_of(mod),
+            "mode": "train" if mod.training else "eval",
+            "affine": getattr(mod, "weight", None) is not None,
+            "running_stats": getattr(mod, "running_mean", None) is not None,
+            "calls": mc.call_count,
+            "input_shape": list(flow.input_shape(path) or []) if mc.nodes else None,
+            "producer": describe(src) if src is not None else None,
+            "producer_users": producer_users,
+        })
+    shape = [tuple(example_inputs.shape)] if hasattr(example_inputs, "shape") else []
+    return InspectTable(type(model).__name__, list(shape[0]) if shape else [], rows)

@@ -1,0 +1,426 @@
+"""Loading models from specs and files, and saving results atomically.
+
+Files are recognised by content, not extension. Unpickling runs code from the
+file, so a pickled module is loaded only when the caller says it trusts it;
+everything else goes through ``torch.load(weights_only=True)`` or safetensors.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .errors import ModelLoadError, OutputError, UnsafePickleError
+
+SIDECAR_SUFFIX = ".json"
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
+_PLAIN_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "network")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Loaded:
+    """A model and how it came to be: enough to rebuild the architecture and to say what was done."""
+
+    model: nn.Module
+    kind: str  # spec | state_dict | pickle | normswap
+    spec: str | None  # how to rebuild the architecture (None for a pickled module)
+    path: Path | None  # the input file, never written to
+    notes: list[str] = field(default_factory=list)
+    steps: list[dict] = field(default_factory=list)  # recipes already applied (normswap outputs)
+    input_size: list[int] | None = None
+
+
+# ---------------------------------------------------------------- specs
+
+
+def is_spec(text: str) -> bool:
+    if os.path.exists(text):
+        return False
+    head, sep, tail = text.partition(":")
+    return bool(sep and tail and head and (head in ("timm", "torchvision") or "." in head or head.isidentifier()))
+
+
+def build_spec(spec: str) -> nn.Module:
+    """``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``, built without pretrained weights."""
+    head, _, name = spec.partition(":")
+    if head == "timm":
+        import timm
+
+        try:
+            return timm.create_model(name, pretrained=False)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                close = _close(name, timm.list_models())
+                raise ModelLoadError(f"unknown timm model '{name}' in spec '{spec}'", fix=close) from None
+            raise ModelLoadError(f"timm could not build '{name}': {e}") from None
+    if head == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None)
+        except ValueError:
+            close = _close(name, torchvision.models.list_models())
+            raise ModelLoadError(f"unknown torchvision model '{name}' in spec '{spec}'", fix=close) from None
+    try:
+        module = importlib.import_module(head)
+    except ImportError as e:
+        raise ModelLoadError(
+            f"cannot import module '{head}' named in spec '{spec}': {e}",
+            fix="check the spec (package.module:factory) and that the package is installed",
+        ) from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise ModelLoadError(f"'{head}' has no callable '{name}' (spec '{spec}')", fix="name a function or class that builds the model")
+    try:
+        model = factory()
+    except Exception as e:
+        raise ModelLoadError(f"{spec}() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _close(name: str, choices: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else "list names with timm.list_models() / torchvision.models.list_models()"
+
+
+# ---------------------------------------------------------------- files
+
+
+def _sniff(path: Path) -> str:
+    """zip-torch | torchscript | pt2 | safetensors | other, from the file's bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "other"
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("archive_format") or "serialized_exported_program" in n for n in names):
+            return "pt2"
+        return "zip-torch"
+    if len(head) > 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n < (1 << 30) and head[8:9] == b"{":
+            return "safetensors"
+    return "other"
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist", fix="check the path, or give a spec like timm:resnet50")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a model file", fix="name the checkpoint file inside it")
+    if not os.access(path, os.R_OK):
+        raise ModelLoadError(f"cannot read {path}: permission denied", fix="check the file's permissions")
+
+
+def read_object(path: Path, *, trust_pickle: bool) -> Any:
+    """The object stored in a torch file; a pickled module only with ``trust_pickle``."""
+    kind = _sniff(path)
+    if kind == "torchscript":
+        raise ModelLoadError(
+            f"{path} is a TorchScript archive; normswap rewrites nn.Module trees",
+            fix="load the original model code and its state dict instead (--arch SPEC)",
+        )
+    if kind == "pt2":
+        raise ModelLoadError(
+            f"{path} is a torch.export (.pt2) program, which has no module tree to rewrite",
+            fix="use the model's state dict with --arch SPEC",
+        )
+    if kind == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise ModelLoadError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        if not trust_pickle:
+            raise UnsafePickleError(
+                f"{path} holds pickled Python objects (a whole module, not just tensors); "
+                "loading it would run code from the file",
+                fix="pass --trust-pickle (trust_pickle=True) if you trust where it came from, "
+                "or save a state dict and load it with --arch SPEC",
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ModelLoadError(
+            f"cannot read {path}: {_first_line(e)}", fix="the file may be truncated or not a PyTorch checkpoint"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
+    except Exception as e:
+        raise ModelLoadError(f"cannot unpickle {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def unwrap_checkpoint(obj: Any, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A training checkpoint or state dict -> a plain state dict, with notes on what was done."""
+    notes: list[str] = []
+    if not _is_state_dict(obj):
+        if not isinstance(obj, Mapping):
+            raise ModelLoadError(f"the file holds a {type(obj).__name__}, not a model or a state dict")
+        keys = (_EMA_KEYS + _PLAIN_KEYS) if ema else (_PLAIN_KEYS + _EMA_KEYS)
+        chosen = next((k for k in keys if k in obj and _is_state_dict(obj[k])), None)
+        if chosen is None:
+            raise ModelLoadError(
+                "the file holds a dict that is neither a state dict nor a checkpoint with one "
+                f"(keys: {', '.join(map(str, list(obj)[:8]))})",
+                fix="save model.state_dict(), or a dict with it under 'state_dict'",
+            )
+        others = [k for k in obj if k != chosen]
+        notes.append(f"used checkpoint['{chosen}']" + (f" (also in the file: {', '.join(map(str, others[:6]))})" if others else ""))
+        obj = obj[chosen]
+    sd = dict(obj)
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                notes.append(f"stripped the '{prefix}' prefix from every key")
+                changed = True
+    return sd, notes
+
+
+def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
+    """Strict load with an error that says what did not fit."""
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:3]
+        raise ModelLoadError(
+            f"{what} does not fit {arch}: " + ("; ".join(lines) or _first_line(e)),
+            fix="is --arch the architecture this state dict was saved from?",
+        ) from None
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3])})")
+        raise ModelLoadError(
+            f"{what} does not fit {arch}: " + "; ".join(parts),
+            fix="is --arch the architecture this state dict was saved from?",
+        )
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    weights: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    ema: bool = False,
+) -> Loaded:
+    """Any model input normswap accepts -> Loaded (see the README's "model inputs")."""
+    text = os.fspath(source)
+    if is_spec(text) and not os.path.exists(text):
+        model = build_spec(text)
+        loaded = Loaded(model, "spec", text, None, [f"built {text} with random weights (pretrained=False)"])
+        if weights is not None:
+            wpath = Path(weights)
+            _check_readable(wpath)
+            sd, notes = unwrap_checkpoint(read_object(wpath, trust_pickle=False), ema=ema)
+            load_state_dict_into(model, sd, f"weights {wpath}", text)
+            loaded.notes = [f"built {text} and loaded weights from {wpath}"] + notes
+        return loaded
+    path = Path(text)
+    _check_readable(path)
+    sidecar = _sidecar_of(path)
+    if sidecar is not None:
+        return _replay(path, sidecar)
+    obj = read_object(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        return Loaded(obj, "pickle", None, path, [f"unpickled a {type(obj).__name__} from {path} (--trust-pickle)"])
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        inner = next((obj[k] for k in ("model", "module", "net") if isinstance(obj.get(k), nn.Module)), None)
+        if inner is not None:
+            return Loaded(inner, "pickle", None, path, [f"unpickled the module stored under a key in {path}"])
+    sd, notes = unwrap_checkpoint(obj, ema=ema)
+    if arch is None:
+        raise ModelLoadError(
+            f"{path} is a state dict ({len(sd)} tensors) without the architecture",
+            fix="say which model it belongs to with --arch SPEC (e.g. --arch timm:resnet50)",
+        )
+    model = build_spec(arch)
+    load_state_dict_into(model, sd, f"the state dict in {path}", arch)
+    return Loaded(model, "state_dict", arch, path, [f"loaded the state dict in {path} into {arch}"] + notes)
+
+
+# ---------------------------------------------------------------- normswap outputs (safetensors + sidecar)
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + SIDECAR_SUFFIX)
+
+
+def _sidecar_of(path: Path) -> dict | None:
+    side = sidecar_path(path)
+    if path.suffix != ".safetensors" or not side.exists():
+        return None
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {side}: {e}", fix="the sidecar JSON beside the weights is damaged") from None
+    if not isinstance(data, dict) or "normswap" not in data:
+        return None
+    return data
+
+
+def _replay(path: Path, side: dict) -> Loaded:
+    """Rebuild a normswap output: architecture from its spec, the recorded recipes, then the weights."""
+    from .api import apply  # late: api imports io
+
+    spec = side.get("arch")
+    if not spec:
+        raise ModelLoadError(f"{sidecar_path(path)} does not say which architecture to rebuild")
+    model = build_spec(spec)
+    input_size = side.get("input_size")
+    for step in side.get("steps", []):
+        model = apply(model, step["recipe"], inplace=True,
+                      input_size=tuple(input_size) if input_size else None, **step.get("params", {}))
+        expected = step.get("layers")
+        if expected is not None:
+            got = {n: type(m).__name__ for n, m in model.named_modules()}
+            wrong = [p for p, t in expected.items() if got.get(p) != t]
+            if wrong:
+                raise ModelLoadError(
+                    f"replaying {sidecar_path(path)} gave a different model at {', '.join(wrong[:3])}",
+                    fix="load it with the normswap and timm versions that wrote it",
+                )
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # safetensors drops the second name of a tied tensor; it must be one of the model's aliases
+    missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path} does not fit the replayed model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return Loaded(model, "normswap", spec, path, [f"rebuilt {spec} with {len(side.get('steps', []))} recorded step(s) and loaded {path}"],
+                  steps=list(side.get("steps", [])), input_size=input_size)
+
+
+def _is_tied_alias(model: nn.Module, key: str, sd: Mapping) -> bool:
+    tensors = dict(model.state_dict(keep_vars=True))
+    t = tensors.get(key)
+    return t is not None and any(other is t and name in sd for name, other in tensors.items() if name != key)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def resolve_output(out: str | os.PathLike, loaded: Loaded) -> Path:
+    """Where to write: OUT with its extension, or the default one; never over an input."""
+    path = Path(out)
+    if path.suffix == "":
+        path = path.with_suffix(".pt" if loaded.spec is None else ".safetensors")
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise OutputError(f"cannot write '{path.suffix}' files ({path})", fix="name the output .safetensors or .pt")
+    if not path.parent.exists():
+        raise OutputError(f"output directory {path.parent} does not exist", fix="create it first")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a directory", fix="name a file")
+    if loaded.path is not None:
+        source = loaded.path.resolve()
+        for written in (path, sidecar_path(path)):
+            if written.resolve() == source or (written.exists() and os.path.samefile(written, loaded.path)):
+                raise OutputError(
+                    f"output {written} would overwrite the input {loaded.path}", fix="write the result to a new file"
+                )
+    if path.suffix == ".safetensors" and loaded.spec is None:
+        raise OutputError(
+            f"{path}: a .safetensors output needs the model's architecture spec to be reloaded, "
+            "and a pickled module has none",
+            fix="write a .pt file instead",
+        )
+    return path
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], report: dict) -> Path:
+    """Write the model (and its JSON sidecar) atomically: temp files in the same directory, then rename."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_model as st_save
+
+        def write(tmp: str) -> None:
+            st_save(model, tmp)
+    else:
+        def write(tmp: str) -> None:
+            try:
+                torch.save(model, tmp)
+            except Exception as e:
+                raise OutputError(
+                    f"torch cannot pickle this model to {path}: {_first_line(e)}",
+                    fix="write .safetensors instead, or bake parametrizations first",
+                ) from None
+
+    sidecar = {
+        "normswap": __version__,
+        "format": path.suffix.lstrip("."),
+        "arch": loaded.spec,
+        "input_size": loaded.input_size,
+        "steps": list(loaded.steps) + list(steps),
+        "report": report,
+    }
+    tmp_model = _atomic_write(path, write)
+    try:
+        tmp_side = _atomic_write(sidecar_path(path), lambda t: Path(t).write_text(json.dumps(sidecar, indent=2, default=str)))
+    except BaseException:
+        os.unlink(tmp_model)
+        raise
+    os.replace(tmp_side, sidecar_path(path))
+    os.replace(tmp_model, path)
+    return path
+
+
+def load(source: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False, **kw: Any) -> nn.Module:
+    """Public ``normswap.load``: a spec, a checkpoint (with ``arch``), a normswap output, or a trusted pickle."""
+    return load_model(source, arch=arch, trust_pickle=trust_pickle, **kw).model

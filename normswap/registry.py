@@ -1,0 +1,161 @@
+"""Replacement registry: a name -> a factory that builds the new module for one layer.
+
+Names are normalised (case, ``_`` and ``-`` ignored), so ``group_norm``,
+``GroupNorm`` and ``group-norm`` are the same replacement. Each replacement
+declares its options; the recipe validator and the JSON Schema read them from
+here, so the three can never disagree.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .errors import NormswapError
+
+_KINDS = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object", list: "array"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a replacement takes under a rule's ``with:``."""
+
+    name: str
+    kind: type | tuple[type, ...]
+    default: Any
+    doc: str
+    nullable: bool = False
+    minimum: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def kinds(self) -> tuple[type, ...]:
+        return self.kind if isinstance(self.kind, tuple) else (self.kind,)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable, or None."""
+        if value is None:
+            return None if self.nullable else f"'{self.name}' may not be null"
+        kinds = self.kinds()
+        ok = any(
+            isinstance(value, k) and not (k in (int, float) and isinstance(value, bool)) for k in kinds
+        ) or (float in kinds and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            want = " or ".join(_KINDS[k] for k in kinds)
+            return f"'{self.name}' must be {want}, got {type(value).__name__} {value!r}"
+        if self.minimum is not None and isinstance(value, (int, float)) and value < self.minimum:
+            return f"'{self.name}' must be at least {self.minimum}, got {value!r}"
+        if self.choices and value not in self.choices:
+            return f"'{self.name}' must be one of {', '.join(map(str, self.choices))}; got {value!r}"
+        return None
+
+    def json_schema(self) -> dict:
+        types = [_KINDS[k] for k in self.kinds()]
+        if self.nullable:
+            types.append("null")
+        schema: dict[str, Any] = {"type": types if len(types) > 1 else types[0], "description": self.doc}
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.choices:
+            schema["enum"] = list(self.choices)
+        return schema
+
+
+@dataclass
+class Built:
+    """What a factory returns: the prepared module and what the report should say about it."""
+
+    module: nn.Module
+    notes: list[str] = field(default_factory=list)
+    carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
+
+
+class SkipLayer(Exception):
+    """Raised by a factory when a target cannot work on this layer; the layer stays as it is."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    name: str
+    build: Callable[..., Built]
+    options: tuple[Option, ...]
+    families: tuple[str, ...]
+    carries: tuple[str, ...]
+    default_carry: tuple[str, ...]
+    doc: str
+    needs_analysis: bool = False
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
+
+
+_REGISTRY: dict[str, Replacement] = {}
+
+
+def normalise(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def register(
+    name: str,
+    *,
+    options: tuple[Option, ...] = (),
+    families: tuple[str, ...] = (),
+    carries: tuple[str, ...] = (),
+    default_carry: tuple[str, ...] | None = None,
+    doc: str = "",
+    needs_analysis: bool = False,
+) -> Callable[[Callable[..., Built]], Callable[..., Built]]:
+    def deco(fn: Callable[..., Built]) -> Callable[..., Built]:
+        key = normalise(name)
+        if key in _REGISTRY:
+            raise ValueError(f"replacement {name!r} registered twice")
+        _REGISTRY[key] = Replacement(
+            name=name,
+            build=fn,
+            options=options,
+            families=families,
+            carries=carries,
+            default_carry=tuple(carries if default_carry is None else default_carry),
+            doc=doc,
+            needs_analysis=needs_analysis,
+        )
+        return fn
+
+    return deco
+
+
+def _load_builtins() -> None:
+    from . import replacements  # noqa: F401  (registers the built-in factories)
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(r.name for r in _REGISTRY.values())
+
+
+def lookup(name: str) -> Replacement | None:
+    _load_builtins()
+    return _REGISTRY.get(normalise(name))
+
+
+def get(name: str) -> Replacement:
+    found = lookup(name)
+    if found is None:
+        raise NormswapError(f"unknown replacement {name!r}", fix=suggest(name, names()))
+    return found
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean '{close[0]}'? (valid: {', '.join(choices)})"
+    return f"valid: {', '.join(choices)}"
