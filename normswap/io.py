@@ -156,8 +156,10 @@ def read_object(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e) and "Weights only" not in str(e):
-            raise ModelLoadError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        if "GLOBAL" not in str(e) and "Unsupported global" not in str(e):  # garbage, not pickled objects
+            raise ModelLoadError(
+                f"cannot read {path}: not a PyTorch checkpoint", fix="the file may be truncated or of another format"
+            ) from None
         if not trust_pickle:
             raise UnsafePickleError(
                 f"{path} holds pickled Python objects (a whole module, not just tensors); "

@@ -1,0 +1,50 @@
+"""bn_to_gn and the analysis across timm families (random weights, realistic BN state)."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import normswap
+from normswap.families import family_of
+from normswap.graph import record
+from normswap.testing import randomize_bn
+
+from zoo import ZOO
+
+
+def bn_layers(model):
+    return {n: m for n, m in model.named_modules() if family_of(m) in ("batchnorm", "frozen_batchnorm")}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_bn_to_gn_on_timm(name):
+    side = ZOO[name]
+    size = (2, 3, side, side)
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    randomize_bn(model, size)
+    bns = bn_layers(model)
+    assert bns, name
+
+    flow = record(model, torch.randn(1, 3, side, side))
+    called = [p for p in bns if p in flow.modules and flow.call_count(p) > 0]
+    assert len(called) >= 0.9 * len(bns)
+    assert all(flow.input_node(p) is not None for p in called)
+
+    out, report = normswap.apply(model, "bn_to_gn", return_report=True)
+    assert type(out) is type(model)
+    assert not bn_layers(out)
+    gns = {n: m for n, m in out.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert set(bns) <= set(gns) and len(report.changes) == len({id(m) for m in bns.values()})
+    for n, old in bns.items():
+        assert torch.equal(old.weight, gns[n].weight) and torch.equal(old.bias, gns[n].bias)
+        assert type(getattr(old, "act", None)) is type(getattr(gns[n], "act", None))
+
+    out.train()
+    x = torch.randn(*size)
+    assert out.forward_features(x).shape[0] == 2
+    y = out(x)
+    y.square().mean().backward()
+    for n, p in out.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {n}"
