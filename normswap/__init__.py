@@ -6,13 +6,13 @@
 __version__ = "0.1.0"
 
 from .errors import CheckFailedError, ModelLoadError, NormswapError, PlanError, RecipeError  # noqa: E402
-from .api import apply, check, list_recipes, load, plan, recipe  # noqa: E402
+from .api import apply, check, fold, list_recipes, load, plan, recipe  # noqa: E402
 from .check import CheckResult  # noqa: E402
 from .graph import DataFlow, record  # noqa: E402
 from .report import Report  # noqa: E402
 
 __all__ = [
-    "apply", "plan", "check", "load", "list_recipes", "recipe", "record",
+    "apply", "plan", "fold", "check", "load", "list_recipes", "recipe", "record",
     "NormswapError", "RecipeError", "PlanError", "ModelLoadError", "CheckFailedError",
     "CheckResult", "DataFlow", "Report", "__version__",
 ]

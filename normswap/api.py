@@ -12,7 +12,7 @@ from .io import load
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import Report
 
-__all__ = ["apply", "plan", "check", "load", "list_recipes"]
+__all__ = ["apply", "plan", "fold", "check", "load", "list_recipes"]
 
 
 def plan(model: nn.Module, recipe: Recipe | Mapping | str, **kwargs: Any) -> Report:
@@ -67,3 +67,23 @@ def check(reference: nn.Module, candidate: nn.Module, inputs: Any = None, **kwar
 def recipe(ref: Recipe | Mapping | str, **params: Any) -> Recipe:
     """Load and validate a recipe without applying it."""
     return load_recipe(ref, params)
+
+
+def fold(
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    return_report: bool = False,
+    check: bool = True,
+    example_inputs: Any = None,
+    input_size: tuple[int, ...] | None = None,
+    **params: Any,
+):
+    """Fold eval-mode BatchNorms into their conv/linear layers: ``apply(model, "fold_bn", check=True)``.
+
+    BNs in train mode are left (with the reason): call ``model.eval()`` first.
+    The numeric check runs by default; a failure raises CheckFailedError and
+    leaves ``model`` as it was.
+    """
+    return apply(model, "fold_bn", inplace=inplace, return_report=return_report, check=check,
+                 example_inputs=example_inputs, input_size=input_size, **params)

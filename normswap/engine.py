@@ -34,6 +34,14 @@ class LayerContext:
     rule: Rule
     recipe: Recipe
     flow: DataFlow | None
+    model: nn.Module = field(repr=False, default=None)
+    prepared: dict = field(repr=False, default_factory=dict)  # canonical path -> Change planned so far
+
+    def editable(self, path: str) -> nn.Module:
+        """A private copy of another layer to edit (the planned one if an earlier rule already replaced it)."""
+        if path in self.prepared:
+            return self.prepared[path].new
+        return copy.deepcopy(self.model.get_submodule(path))
 
     def fail(self, message: str, fix: str | None = None) -> None:
         raise PlanError(
@@ -147,14 +155,15 @@ def plan(
         inputs = example_inputs if example_inputs is not None else make_inputs(model, input_size)
         flow = record(model, inputs)
 
-    changes: list[Change] = []
+    prepared: dict[str, Change] = {}  # canonical path -> Change, in planning order
     skipped: list[Skip] = []
+    paths_of = {id(m): p for m, p in module_paths(model)}
     counts = [0] * len(recipe.rules)
     replaced: list[str] = []
     errors: list[PlanError] = []
     for module, paths in module_paths(model):
-        if _under(paths[0], replaced) and paths[0] not in replaced:
-            continue  # inside a layer that is being replaced as a whole
+        if (_under(paths[0], replaced) and paths[0] not in replaced) or paths[0] in prepared:
+            continue  # inside a layer being replaced as a whole, or already replaced by an earlier rule
         rule_i = next((i for i, r in enumerate(recipe.rules) if r.selector.matches(module, paths)), None)
         if rule_i is None:
             for r in recipe.rules:
@@ -171,7 +180,7 @@ def plan(
         ctx = LayerContext(
             path=paths[0], paths=paths, module=module, options=dict(options[rule_i]),
             carry=frozenset(rule.carry if rule.carry is not None else repl.default_carry),
-            rule=rule, recipe=recipe, flow=flow,
+            rule=rule, recipe=recipe, flow=flow, model=model, prepared=prepared,
         )
         try:
             built: Built = repl.build(ctx)
@@ -188,8 +197,16 @@ def plan(
                 fix="exclude this layer with 'exclude:' in the rule's match",
             ))
             continue
-        changes.append(Change(rule, paths[0], paths, module, built.module, built.notes, built.carried))
+        prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
         replaced.extend(paths)
+        for path, new, notes in built.also:
+            if path in prepared:
+                prepared[path].new = new
+                prepared[path].notes.extend(notes)
+            else:
+                old = model.get_submodule(path)
+                same = {n: n for n, _ in old.named_parameters()}  # an edited copy keeps its names
+                prepared[path] = Change(rule, path, paths_of[id(old)], old, new, list(notes), same)
 
     for rule, n in zip(recipe.rules, counts):
         if rule.required and n == 0:
@@ -203,7 +220,7 @@ def plan(
         if len(errors) == 1:
             raise errors[0]
         raise PlanError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
-    return Plan(recipe, type(model).__name__, changes, skipped, list(zip(recipe.rules, counts)))
+    return Plan(recipe, type(model).__name__, list(prepared.values()), skipped, list(zip(recipe.rules, counts)))
 
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -69,6 +69,7 @@ class Built:
     module: nn.Module
     notes: list[str] = field(default_factory=list)
     carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
+    also: list[tuple[str, nn.Module, list[str]]] = field(default_factory=list)  # other layers replaced: (path, new, notes)
 
 
 class SkipLayer(Exception):
@@ -134,7 +135,7 @@ def register(
 
 
 def _load_builtins() -> None:
-    from . import replacements  # noqa: F401  (registers the built-in factories)
+    from . import folding, replacements  # noqa: F401  (register the built-in factories)
 
 
 def names() -> list[str]:

@@ -76,6 +76,19 @@ def group_norm(ctx) -> Built:
     return Built(new, notes, carried)
 
 
+def activation_or_identity(old: nn.Module) -> tuple[nn.Module, list[str]]:
+    """What is left of a norm layer once its normalization is gone: the activation it carried, or Identity."""
+    act = activation_of(old)
+    if act is None:
+        return nn.Identity(), []
+    parts = [copy.deepcopy(m) for m in act if not isinstance(m, nn.Identity)]
+    if not parts:
+        return nn.Identity(), []
+    new = nn.Sequential(*parts) if len(parts) > 1 else parts[0]
+    new.train(old.training)
+    return new, [f"kept activation {type(act[1]).__name__}"]
+
+
 @register(
     "identity",
     families=(),
@@ -83,17 +96,6 @@ def group_norm(ctx) -> Built:
     doc="Remove the layer: nn.Identity, or the activation a timm norm-act layer carried.",
 )
 def identity(ctx) -> Built:
-    old = ctx.module
-    act = activation_of(old)
-    notes = ["parameters and buffers dropped"]
-    if act is None:
-        new: nn.Module = nn.Identity()
-    else:
-        drop, activation = act
-        parts = [m for m in (drop, activation) if not isinstance(m, nn.Identity)]
-        copies = [copy.deepcopy(m) for m in parts]
-        new = nn.Sequential(*copies) if len(copies) > 1 else (copies[0] if copies else nn.Identity())
-        if parts:
-            notes.append(f"kept activation {type(activation).__name__}")
-    notes += carry.finish(old, new)
+    new, notes = activation_or_identity(ctx.module)
+    notes = ["parameters and buffers dropped"] + notes + carry.finish(ctx.module, new)
     return Built(new, notes, {})

@@ -1,0 +1,265 @@
+"""BatchNorm folding: which BNs can be folded where (from the recorded graph), and the ``fold`` replacement.
+
+``fold_site`` is the single foldability analysis: ``inspect`` reports it and the
+``fold`` replacement acts on it, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .families import family_of
+from .fold_math import bn_affine, fold_output_channels
+from .graph import DataFlow, _short, describe, users_of
+from .registry import Built, Option, SkipLayer, register
+from .replacements import activation_or_identity
+
+# Operations that move elements around without changing them; a BN can be folded through them
+# when its channels still line up with the producer's output channels (checked by replaying them).
+_LAYOUT_OPS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
+               "transpose", "permute", "movedim", "swapaxes", "swapdims"}
+
+
+def _allowed_targets() -> tuple[type, ...]:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return (
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+        nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, Conv2dSame,
+    )
+
+
+def is_pruned(module: nn.Module) -> bool:
+    return hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
+
+
+def target_problem(module: nn.Module, *, bake: bool) -> str | None:
+    """Why BN cannot be folded into ``module``'s weights, or None if it can (exactly)."""
+    name = type(module).__name__
+    if parametrize.is_parametrized(module):
+        if bake:
+            return None
+        return (f"{name}'s weight is parametrized (weight/spectral norm): its forward recomputes the weight; "
+                "set bake_parametrizations: true to bake it, then fold")
+    if name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+        return f"{name} standardizes its weight in forward, which would undo the folded scale"
+    if hasattr(module, "bias_orig"):
+        return f"{name}'s bias is pruned: the folded shift cannot live behind its mask"
+    if type(module) not in _allowed_targets():
+        return f"{name} is not a conv/linear class whose forward uses its weight as stored"
+    return None
+
+
+@dataclass
+class FoldSite:
+    """Where one BN could fold: into these producers, each for a slice of the BN's channels."""
+
+    bn_path: str
+    targets: list[tuple[str, slice]] = field(default_factory=list)
+    through: list[str] = field(default_factory=list)  # layout ops between producer and BN
+    reason: str | None = None  # None: foldable
+
+    @property
+    def foldable(self) -> bool:
+        return self.reason is None
+
+
+def fold_site(flow: DataFlow, bn_path: str, *, bake: bool = False) -> FoldSite:
+    """Decide whether the BN at ``bn_path`` folds into the layer(s) producing its input."""
+    site = FoldSite(bn_path)
+    mc = flow.modules[flow.canonical(bn_path)]
+    bn = mc.module
+    channels = int(bn.running_mean.shape[0]) if getattr(bn, "running_mean", None) is not None else None
+
+    def leave(reason: str) -> FoldSite:
+        site.reason = reason
+        return site
+
+    if channels is None:
+        return leave("no running statistics (track_running_stats=False): it always normalizes with batch statistics")
+    if bn.training and family_of(bn) != "frozen_batchnorm":
+        return leave("in train mode, where it normalizes with batch statistics; fold an eval-mode model (model.eval())")
+    if mc.call_count == 0:
+        return leave("never called in the forward pass")
+    if mc.call_count > 1:
+        return leave(f"called {mc.call_count} times: one folded copy cannot serve every call")
+    consumer: fx.Node = mc.nodes[0]
+    src = flow.input_node(bn_path)
+    chain: list[fx.Node] = []
+    while (src is not None and src.op == "call_function" and _short(src.meta.get("func_name", "")) in _LAYOUT_OPS
+           and len(users_of(src)) == 1):
+        chain.append(src)
+        consumer = src
+        src = _tensor_args(src)[0] if len(_tensor_args(src)) == 1 else None
+    if src is None:
+        return leave("its input does not come from a single layer")
+    if src.op == "call_function" and _short(src.meta.get("func_name", "")) == "cat" and not chain:
+        return _concat_site(flow, site, src, channels, bake)
+    if src.op != "call_module":
+        return leave(f"its input comes from {describe(src)}, not from a conv or linear layer")
+    why = _producer_problem(flow, src, consumer, channels, bake)
+    if why:
+        return leave(why)
+    if chain and not _channels_line_up(flow, src, list(reversed(chain)), channels):
+        return leave(f"its channels do not line up with {src.target}'s outputs through "
+                     f"{', '.join(describe(n) for n in reversed(chain))}")
+    site.targets = [(flow.canonical(src.target), slice(0, channels))]
+    site.through = [describe(n) for n in reversed(chain)]
+    return site
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes]
+
+
+def _producer_problem(flow: DataFlow, src: fx.Node, consumer: fx.Node, channels: int, bake: bool) -> str | None:
+    module = flow.modules[src.target].module
+    name = f"{src.target} ({type(module).__name__})"
+    users = users_of(src)
+    if len(users) != 1 or users[0] is not consumer:
+        others = [describe(u) for u in users if u is not consumer]
+        return f"the output of {name} also feeds {', '.join(others[:3])}"
+    if flow.call_count(src.target) != 1:
+        return f"{name} is called {flow.call_count(src.target)} times: folding into it would change every call"
+    why = target_problem(module, bake=bake)
+    if why:
+        return why
+    out_ch = getattr(module, "out_channels", getattr(module, "out_features", None))
+    if out_ch != channels:
+        return f"{name} has {out_ch} output channels, the BN {channels}"
+    return None
+
+
+def _channels_line_up(flow: DataFlow, src: fx.Node, chain: list[fx.Node], channels: int) -> bool:
+    """Replay the layout ops on a tensor of channel indices: BN channel c must hold producer channel c."""
+    shape = src.meta.get("shape")
+    if shape is None:
+        return False
+    module = flow.modules[src.target].module
+    axis = len(shape) - 1 if isinstance(module, nn.Linear) else 1
+    view = [channels if i == axis else 1 for i in range(len(shape))]
+    x = torch.arange(channels).reshape(view).expand(shape).contiguous()
+    prev = src
+    try:
+        for node in chain:
+            args = tuple(x if a is prev else a for a in node.args)
+            if any(isinstance(a, fx.Node) for a in args) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+                return False
+            x = node.target(*args, **node.kwargs)
+            prev = node
+    except Exception:  # noqa: BLE001 - a replay that does not run means "cannot prove it"
+        return False
+    if x.ndim < 2 or x.shape[1] != channels:
+        return False
+    want = torch.arange(channels).reshape([1, channels] + [1] * (x.ndim - 2)).expand(x.shape)
+    return torch.equal(x, want)
+
+
+def _concat_site(flow: DataFlow, site: FoldSite, cat: fx.Node, channels: int, bake: bool) -> FoldSite:
+    tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    ndim = len(cat.meta.get("shape", ()))
+    if not isinstance(tensors, (list, tuple)) or dim not in (1, 1 - ndim):
+        site.reason = f"its input is {describe(cat)} along a dim other than the channels"
+        return site
+    if len(users_of(cat)) != 1:
+        site.reason = f"the output of {describe(cat)} also feeds another layer"
+        return site
+    start = 0
+    for part in tensors:
+        if not isinstance(part, fx.Node) or part.op != "call_module":
+            site.reason = f"part of its input ({describe(part) if isinstance(part, fx.Node) else 'a constant'}) " \
+                          "is not a conv or linear output"
+            return site
+        module = flow.modules[part.target].module
+        width = getattr(module, "out_channels", getattr(module, "out_features", 0))
+        why = _producer_problem(flow, part, cat, width, bake)
+        if why:
+            site.reason = f"concatenated input: {why}"
+            return site
+        site.targets.append((flow.canonical(part.target), slice(start, start + width)))
+        start += width
+    if start != channels:
+        site.reason = f"the concatenated widths add up to {start}, not the BN's {channels} channels"
+        site.targets = []
+    else:
+        site.through = [describe(cat)]
+    return site
+
+
+# ------------------------------------------------------------------ module plumbing
+
+
+def bake(module: nn.Module) -> nn.Module:
+    """Replace every parametrization of ``module`` by its current value (eval mode, so no power iteration)."""
+    was = module.training
+    module.eval()
+    with torch.no_grad():
+        for name in list(getattr(module, "parametrizations", {}).keys()):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    module.train(was)
+    return module
+
+
+def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Fold the per-output-channel affine (s, t) into ``module`` (a private copy) in place."""
+    transposed = bool(getattr(module, "transposed", False))
+    groups = int(getattr(module, "groups", 1))
+    weight_name = "weight_orig" if is_pruned(module) else "weight"
+    weight = getattr(module, weight_name)
+    w, b = fold_output_channels(weight, module.bias, s, t, transposed=transposed, groups=groups)
+    dtype = weight.dtype
+    with torch.no_grad():
+        weight.copy_(w.to(dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(b.to(device=weight.device, dtype=dtype), requires_grad=weight.requires_grad)
+        else:
+            module.bias.copy_(b.to(module.bias.dtype))
+        if is_pruned(module):
+            module.weight = module.weight_orig * module.weight_mask
+
+
+@register(
+    "fold",
+    families=("batchnorm", "frozen_batchnorm"),
+    needs_analysis=True,
+    doc="Fold an eval-mode BatchNorm into the conv/linear producing its input; the BN becomes Identity "
+        "(or the activation it carried).",
+    options=(
+        Option("bake_parametrizations", bool, False,
+               "bake parametrized weights (weight/spectral norm) into plain tensors so BN can fold into them"),
+        Option("unfoldable", str, "keep", "what to do with a BN that cannot fold: keep it, or make it a "
+               "per-channel affine", choices=("keep", "affine")),
+    ),
+)
+def fold(ctx) -> Built:
+    bn = ctx.module
+    opts = ctx.options
+    site = fold_site(ctx.flow, ctx.path, bake=opts["bake_parametrizations"])
+    if not site.foldable:
+        frozen = family_of(bn) == "frozen_batchnorm"
+        if opts["unfoldable"] == "affine" and (frozen or not bn.training) and getattr(bn, "running_mean", None) is not None:
+            from .layers import ChannelAffine
+
+            new = ChannelAffine.from_bn(bn)
+            return Built(new, [f"not folded ({site.reason}); now a per-channel affine"])
+        raise SkipLayer(site.reason)
+    s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+    also, names = [], []
+    for path, channels in site.targets:
+        target = ctx.editable(path)
+        notes = []
+        if parametrize.is_parametrized(target):
+            bake(target)
+            notes.append("parametrizations baked")
+        write_folded(target, s[channels], t[channels])
+        also.append((path, target, notes + [f"{ctx.path} folded in"]))
+        names.append(path)
+    new, notes = activation_or_identity(bn)
+    via = f" through {', '.join(site.through)}" if site.through else ""
+    return Built(new, [f"folded into {', '.join(names)}{via}"] + notes, also=also)
