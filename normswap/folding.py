@@ -196,7 +196,15 @@ def _concat_site(flow: DataFlow, site: FoldSite, cat: fx.Node, channels: int, ba
 
 
 def bake(module: nn.Module) -> nn.Module:
-    """Replace every parametrization of ``module`` by its current value (eval mode, so no power iteration)."""
+    """Replace every parametrization of ``module`` by its current value (eval mode, so no power iteration).
+
+    A deep copy of a parametrized module shares torch's injected class with the
+    original, and removing a parametrization deletes its property from that
+    class; the module gets a class of its own first so the original keeps working.
+    """
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     was = module.training
     module.eval()
     with torch.no_grad():

@@ -1,0 +1,250 @@
+"""BatchNorm folding: every pattern, every leave-alone case, outputs unchanged, precision."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+from timm.layers import StdConv2d
+from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d
+from torch.nn.utils.parametrizations import weight_norm
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import normswap
+from normswap.families import family_of
+from normswap.testing import randomize_bn
+
+
+def prepared(model, shape, seed=0):
+    torch.manual_seed(seed)
+    randomize_bn(model, shape, seed=seed)
+    return model.eval()
+
+
+def bns(model):
+    return [n for n, m in model.named_modules() if family_of(m) in ("batchnorm", "frozen_batchnorm")]
+
+
+def fold64(model, shape, **kw):
+    """Fold a float64 copy and return (folded, report, max relative output error)."""
+    m64 = copy.deepcopy(model).double()
+    folded, rep = normswap.fold(m64, return_report=True, input_size=shape, check=False, **kw)
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = m64(x), folded(x)
+    err = ((ref - out).abs().max() / ref.abs().max()).item()
+    return folded, rep, err
+
+
+def seq(*mods):
+    return nn.Sequential(*mods)
+
+
+PATTERNS = {
+    "conv1d": (lambda: seq(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8)), (2, 3, 16)),
+    "conv2d no bias": (lambda: seq(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8)), (2, 3, 12, 12)),
+    "conv2d grouped strided dilated": (lambda: seq(nn.Conv2d(4, 8, 3, stride=2, dilation=2, groups=2), nn.BatchNorm2d(8)), (2, 4, 16, 16)),
+    "conv3d": (lambda: seq(nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4)), (2, 3, 6, 6, 6)),
+    "convtranspose1d": (lambda: seq(nn.ConvTranspose1d(4, 6, 3, stride=2), nn.BatchNorm1d(6)), (2, 4, 9)),
+    "convtranspose2d grouped": (lambda: seq(nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d(6)), (2, 4, 7, 7)),
+    "convtranspose3d": (lambda: seq(nn.ConvTranspose3d(2, 4, 2, stride=2), nn.BatchNorm3d(4)), (2, 2, 3, 3, 3)),
+    "linear": (lambda: seq(nn.Linear(5, 7), nn.BatchNorm1d(7)), (4, 5)),
+    "bn-act keeps activation": (lambda: seq(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.SiLU)), (2, 3, 10, 10)),
+    "frozen bn (torchvision)": (lambda: seq(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8)), (2, 3, 10, 10)),
+    "frozen bn-act (timm)": (lambda: seq(nn.Conv2d(3, 8, 3), FrozenBatchNormAct2d(8)), (2, 3, 10, 10)),
+}
+
+
+class LinearFlattenBN(nn.Module):
+    """LeViT's LinearNorm: linear on (B, N, C), BN1d over the flattened (B*N, C), reshaped back."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LinearTransposeBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):  # (B, L, C) -> (B, C, L)
+        return self.bn(self.linear(x).transpose(1, 2))
+
+
+class ConcatBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1, bias=False)
+        self.bn = nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+PATTERNS["linear -> flatten -> bn1d"] = (LinearFlattenBN, (2, 5, 6))
+PATTERNS["linear -> transpose -> bn1d"] = (LinearTransposeBN, (2, 5, 6))
+PATTERNS["bn after concat of convs"] = (ConcatBN, (2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_fold_patterns(name):
+    make, shape = PATTERNS[name]
+    model = prepared(make(), shape)
+    folded, rep, err = fold64(model, shape)
+    assert err <= 1e-12, err
+    assert bns(folded) == [], rep.skipped
+    # float32: the folded model is no further from the exact answer than 2x float32's own rounding
+    f32 = normswap.fold(model, input_size=shape)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        orig_err = ((model(x).double() - exact).abs().max() / exact.abs().max()).item()
+        fold_err = ((f32(x).double() - exact).abs().max() / exact.abs().max()).item()
+    assert fold_err <= max(1e-5, 2 * orig_err)
+
+
+def test_activation_kept():
+    model = prepared(PATTERNS["bn-act keeps activation"][0](), (2, 3, 10, 10))
+    folded = normswap.fold(model, input_size=(2, 3, 10, 10))
+    assert isinstance(folded[1], nn.SiLU)
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv(self.bn1(self.conv(x))))
+
+
+class SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.c1(x)) + self.bn(self.c2(x))
+
+
+class TwoUsers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class BNBeforeConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+def pruned():
+    m = seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    prune.l1_unstructured(m[0], "weight", amount=0.4)
+    return m
+
+
+LEAVE = {
+    "conv called twice": (Reused, (2, 4, 6, 6), 2, "called 2 times"),
+    "bn called twice": (SharedBN, (2, 4, 6, 6), 1, "called 2 times"),
+    "conv output has two users": (TwoUsers, (2, 4, 6, 6), 1, "also feeds"),
+    "bn before a zero-padded conv": (BNBeforeConv, (2, 4, 6, 6), 1, "input comes from input"),
+    "StdConv2d": (lambda: seq(StdConv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), 1, "standardizes its weight"),
+    "parametrized conv": (lambda: seq(weight_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8)), (2, 3, 8, 8), 1, "parametrized"),
+    "no running stats": (lambda: seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False)), (2, 3, 8, 8), 1, "no running statistics"),
+}
+
+
+@pytest.mark.parametrize("name", list(LEAVE))
+def test_leave_alone(name):
+    make, shape, left, reason = LEAVE[name]
+    model = prepared(make(), shape)
+    folded, rep, err = fold64(model, shape)
+    assert err <= 1e-12
+    assert len(bns(folded)) == left
+    assert len(rep.skipped) == left and all(reason in s["reason"] for s in rep.skipped), rep.skipped
+
+
+def test_train_mode_bn_is_left():
+    model = prepared(seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8)).train()
+    rep = normswap.plan(model, "fold_bn", input_size=(2, 3, 8, 8))
+    assert not rep.changes and "train mode" in rep.skipped[0]["reason"]
+
+
+def test_reused_conv_folds_only_the_safe_bn():
+    """torch.fx's fuse gets this wrong; here bn1 (after the first call) is left and the output is exact."""
+    model = prepared(Reused(), (2, 4, 6, 6))
+    folded, rep, err = fold64(model, (2, 4, 6, 6))
+    assert err < 1e-12 and isinstance(folded.bn1, nn.BatchNorm2d) and isinstance(folded.bn2, nn.BatchNorm2d)
+
+
+def test_pruned_conv_folds_through_weight_orig():
+    model = prepared(pruned(), (2, 3, 8, 8))
+    folded, rep, err = fold64(model, (2, 3, 8, 8))
+    assert err <= 1e-12 and bns(folded) == []
+    conv = folded[0]
+    assert hasattr(conv, "weight_orig") and torch.equal(conv.weight_mask, model[0].weight_mask.double())
+    assert (conv.weight == 0).sum() == (model[0].weight == 0).sum()  # the mask still applies
+
+
+def test_bake_parametrizations_then_fold():
+    model = prepared(LEAVE["parametrized conv"][0](), (2, 3, 8, 8))
+    folded, rep, err = fold64(model, (2, 3, 8, 8), bake_parametrizations=True)
+    assert err <= 1e-12 and bns(folded) == []
+    assert not hasattr(folded[0], "parametrizations")
+
+
+def test_unfoldable_becomes_affine():
+    model = prepared(BNBeforeConv(), (2, 4, 6, 6))
+    folded, rep, err = fold64(model, (2, 4, 6, 6), unfoldable="affine")
+    assert err <= 1e-12 and type(folded.bn).__name__ == "ChannelAffine"
+
+
+def test_low_precision_weights_no_worse_than_fp32_fold_then_cast():
+    """fp16/bf16: folding in float64 and casting once is at least as close to the exact fold."""
+    base = prepared(seq(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16)), (2, 8, 8, 8))
+    exact = normswap.fold(copy.deepcopy(base).double(), input_size=(2, 8, 8, 8), check=False)[0].weight
+    for dtype in (torch.float16, torch.bfloat16):
+        low = copy.deepcopy(base).to(dtype)
+        ours = normswap.fold(low, input_size=(2, 8, 8, 8), check=False)[0].weight
+        # the usual way: fold in float32, cast
+        via32 = normswap.fold(copy.deepcopy(low).float(), input_size=(2, 8, 8, 8), check=False)[0].weight.to(dtype)
+        assert (ours.double() - exact).abs().max() <= (via32.double() - exact).abs().max()
+
+
+def test_fold_check_catches_a_wrong_fold(monkeypatch):
+    import normswap.folding as F
+
+    real = F.fold_output_channels
+
+    def wrong(weight, bias, s, t, **kw):
+        w, b = real(weight, bias, s, t, **kw)
+        return w, b + 0.1
+
+    monkeypatch.setattr(F, "fold_output_channels", wrong)
+    model = prepared(seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8))
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(normswap.CheckFailedError, match="numeric check"):
+        normswap.fold(model, input_size=(2, 3, 8, 8), inplace=True)
+    assert isinstance(model[1], nn.BatchNorm2d)
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())

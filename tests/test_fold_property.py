@@ -1,0 +1,91 @@
+"""Property: folding random conv/BN graphs (reused modules, multi-user outputs) never changes the output."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import normswap
+from normswap.testing import randomize_bn
+
+EXAMPLES = int(os.environ.get("NORMSWAP_FUZZ_EXAMPLES", "200"))
+C = 4
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+@st.composite
+def conv_spec(draw):
+    transposed = draw(st.booleans())
+    k = draw(st.sampled_from([1, 3]))
+    groups = draw(st.sampled_from([1, 2, C]))
+    bias = draw(st.booleans())
+    dilation = 1 if transposed else draw(st.sampled_from([1, 2]))
+    return (transposed, k, groups, bias, dilation)
+
+
+@st.composite
+def program(draw):
+    dim = draw(st.sampled_from([1, 2, 3]))
+    convs = draw(st.lists(conv_spec(), min_size=1, max_size=4))
+    n_bn = draw(st.integers(1, 4))
+    steps = draw(st.lists(st.tuples(
+        st.integers(0, len(convs) - 1),          # which conv (repeats = reuse)
+        st.integers(-1, n_bn - 1),                # which BN after it (-1: none)
+        st.sampled_from(["plain", "skip", "bn_first", "relu"]),
+    ), min_size=1, max_size=6))
+    head = draw(st.booleans())  # pool -> linear -> BatchNorm1d
+    return dim, convs, n_bn, steps, head
+
+
+class RandomNet(nn.Module):
+    def __init__(self, dim, convs, n_bn, steps, head):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        for transposed, k, groups, bias, dilation in convs:
+            if transposed:
+                self.convs.append(CONVT[dim](C, C, k, padding=k // 2, groups=groups, bias=bias))
+            else:
+                self.convs.append(CONV[dim](C, C, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=bias))
+        self.bns = nn.ModuleList(BN[dim](C) for _ in range(n_bn))
+        self.steps = steps
+        self.head = nn.Sequential(nn.Linear(C, 6), nn.BatchNorm1d(6)) if head else None
+
+    def forward(self, x):
+        for ci, bi, kind in self.steps:
+            if kind == "bn_first" and bi >= 0:
+                x = self.convs[ci](self.bns[bi](x))
+                continue
+            y = self.convs[ci](x)
+            z = self.bns[bi](y) if bi >= 0 else y
+            if kind == "skip":
+                z = z + y  # y has a second user
+            elif kind == "relu":
+                z = torch.relu(z)
+            x = z
+        if self.head is not None:
+            x = self.head(x.mean(dim=tuple(range(2, x.ndim))))
+        return x
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(program(), st.integers(0, 2**16))
+def test_fold_never_changes_the_output(prog, seed):
+    dim = prog[0]
+    shape = (3, C) + (5,) * dim
+    torch.manual_seed(seed)
+    model = RandomNet(*prog)
+    randomize_bn(model, shape, seed=seed)
+    model = model.eval().double()
+    try:
+        folded, report = normswap.fold(model, input_size=shape, check=False, return_report=True)
+    except normswap.NormswapError:
+        return  # a clear refusal is allowed; anything else is a bug and fails the test
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    err = ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+    assert err <= 1e-9, (err, report.changes, report.skipped)

@@ -1,0 +1,51 @@
+"""fold_bn across timm families: no foldable BN left, outputs unchanged (float64), fp32 within rounding."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import normswap
+from normswap.families import family_of
+from normswap.graph import record, users_of
+from normswap.testing import randomize_bn
+
+from zoo import ZOO
+from test_zoo import bn_layers
+
+
+def foldable_left(model, x):
+    """BNs still fed directly by a conv/linear output nothing else reads: what fold should have taken."""
+    flow = record(model, x)
+    left = []
+    for path, mc in flow.modules.items():
+        if family_of(mc.module) in ("batchnorm", "frozen_batchnorm") and mc.call_count == 1:
+            src = flow.input_node(path)
+            if src is not None and src.op == "call_module" and len(users_of(src)) == 1 \
+                    and isinstance(flow.modules[src.target].module, (nn.modules.conv._ConvNd, nn.Linear)) \
+                    and flow.call_count(src.target) == 1:
+                left.append(path)
+    return left
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_fold_timm(name):
+    side = ZOO[name]
+    torch.manual_seed(0)
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    randomize_bn(model, (2, 3, side, side))
+    model.eval()
+    n_before = len(bn_layers(model))
+    m64 = copy.deepcopy(model).double()
+    x = torch.randn(1, 3, side, side, dtype=torch.float64)
+    folded, report = normswap.fold(m64, input_size=(1, 3, side, side), check=False, return_report=True)
+    assert type(folded) is type(model)
+    assert foldable_left(folded, x) == []
+    assert len(bn_layers(folded)) == len(report.skipped) < n_before
+    with torch.no_grad():
+        ref, out = m64(x), folded(x)
+    assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-9
+    # float32 with the automatic check (rounding-aware)
+    normswap.fold(model, input_size=(1, 3, side, side))
