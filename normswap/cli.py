@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
@@ -14,6 +15,7 @@ import yaml
 from . import __version__, engine
 from .check import check as run_check
 from .errors import InputSpecError, NormswapError
+from .export import format_for
 from .inputs import parse_input_size
 from .io import Loaded, load_model, resolve_output, save_model
 from .recipe import list_recipes, load_recipe, schema_text
@@ -51,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="set a recipe parameter")
     p.add_argument("--input-size", help="example input shape for analysis and checks, e.g. 1,3,224,224")
     p.add_argument("--no-check", action="store_true", help="skip the recipe's check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("fold", help="fold BatchNorm into the conv/linear layers next to it, for deployment")
+    _model_args(p)
+    p.add_argument("-o", "--output", help="output file (.safetensors, .pt, or with --export .onnx / .pt2)")
+    p.add_argument("--export", choices=("onnx", "pt2"), help="write an ONNX or torch.export file, verified by running it")
+    p.add_argument("--dry-run", action="store_true", help="print what would fold; change and write nothing")
+    p.add_argument("--set", action="append", default=[], metavar="K=V",
+                   help="fold_bn parameter: bake_parametrizations, unfoldable, into_next")
+    p.add_argument("--input-size", help="example input shape for analysis and the check, e.g. 1,3,224,224")
+    p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("inspect", help="list the normalization layers with their producers and users")
@@ -107,10 +120,28 @@ def _load(args, source: str | None = None) -> Loaded:
 
 def cmd_apply(args) -> int:
     recipe = load_recipe(args.recipe, _params(args.set))
-    if not args.dry_run and not args.output:
-        raise NormswapError("apply needs -o OUT (or --dry-run)", fix="add -o result.safetensors", code="input_invalid")
-    loaded = _load(args)
-    out = resolve_output(args.output, loaded) if not args.dry_run else None
+    return _rewrite(args, recipe, _load(args) if args.dry_run or args.output else None)
+
+
+def cmd_fold(args) -> int:
+    recipe = load_recipe("fold_bn", _params(args.set))
+    loaded = _load(args) if args.dry_run or args.output else None
+    if loaded is not None:
+        training = [name for name, m in loaded.model.named_modules() if m.training]
+        if training:
+            loaded.model.eval()
+            loaded.notes.append(f"the model was in train mode ({len(training)} module(s)); switched it to eval mode, "
+                                "where BatchNorm uses its running statistics")
+    export = format_for(Path(args.output).suffix, args.export) if args.output else None
+    return _rewrite(args, recipe, loaded, export=export, eval_mode=True)
+
+
+def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eval_mode: bool = False) -> int:
+    """Plan, apply to a copy, check, and write atomically; nothing is written unless the check passes."""
+    if loaded is None:
+        raise NormswapError(f"{args.command} needs -o OUT (or --dry-run)", fix="add -o result.safetensors",
+                            code="input_invalid")
+    out = None if args.dry_run else resolve_output(args.output, loaded, export=export)
     input_size = tuple(loaded.input_size) if loaded.input_size else None
     plan = engine.plan(loaded.model, recipe, input_size=input_size)
     report = Report.from_plan(plan, loaded.model, applied=not args.dry_run)
@@ -126,12 +157,27 @@ def cmd_apply(args) -> int:
         report.check = {"mode": result.mode, **result.to_json()}
         if not result.ok:
             status = 1
+    data = None
+    if status == 0 and export is not None:
+        from .export import export_verified
+        from .inputs import make_inputs
+
+        exported = export_verified(model, make_inputs(model, input_size), export)
+        report.export = exported.to_json()
+        if exported.ok:
+            data = exported.data
+        else:
+            status = 1
+            report.notes.append(f"the exported {export} model differs from PyTorch's output "
+                                f"(max rel {exported.max_rel:.2e})")
     if status == 0:
         step = {"recipe": recipe.to_data(), "layers": {ch.path: ch.new_type for ch in plan.changes}}
-        save_model(model, out, loaded, [step], report.to_json())
+        if eval_mode:
+            step["eval_mode"] = True  # a replay must fold the same BNs, which only fold in eval mode
+        save_model(model, out, loaded, [step], report.to_json(), data=data)
         report.notes.append(f"wrote {out} and {out.name}.json")
     else:
-        report.notes.append("the check failed: nothing was written")
+        report.notes.append("a check failed: nothing was written")
     _emit(args, report)
     return status
 
@@ -193,7 +239,7 @@ def _emit(args, report: Report) -> None:
         report.render(_console())
 
 
-COMMANDS = {"apply": cmd_apply, "inspect": cmd_inspect, "check": cmd_check, "recipes": cmd_recipes}
+COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "inspect": cmd_inspect, "check": cmd_check, "recipes": cmd_recipes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .families import family_of
-from .fold_math import bn_affine, fold_output_channels
+from .fold_math import bn_affine, fold_input_channels, fold_output_channels
 from .graph import DataFlow, _short, describe, users_of
 from .registry import Built, Option, SkipLayer, register
 from .replacements import activation_or_identity
@@ -63,31 +63,45 @@ class FoldSite:
     targets: list[tuple[str, slice]] = field(default_factory=list)
     through: list[str] = field(default_factory=list)  # layout ops between producer and BN
     reason: str | None = None  # None: foldable
+    into_next: bool = False  # True: the target reads the BN's output (fold into its input channels)
 
     @property
     def foldable(self) -> bool:
         return self.reason is None
 
 
-def fold_site(flow: DataFlow, bn_path: str, *, bake: bool = False) -> FoldSite:
-    """Decide whether the BN at ``bn_path`` folds into the layer(s) producing its input."""
+def _bn_problem(flow: DataFlow, bn_path: str, assume_eval: bool = False) -> str | None:
+    """Why this BN cannot be folded anywhere, whatever is next to it; None if it is a fixed affine called once."""
+    mc = flow.modules[flow.canonical(bn_path)]
+    bn = mc.module
+    if getattr(bn, "running_mean", None) is None:
+        return "no running statistics (track_running_stats=False): it always normalizes with batch statistics"
+    if bn.training and family_of(bn) != "frozen_batchnorm" and not assume_eval:
+        return "in train mode, where it normalizes with batch statistics; fold an eval-mode model (model.eval())"
+    if mc.call_count == 0:
+        return "never called in the forward pass"
+    if mc.call_count > 1:
+        return f"called {mc.call_count} times: one folded copy cannot serve every call"
+    return None
+
+
+def fold_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_eval: bool = False) -> FoldSite:
+    """Decide whether the BN at ``bn_path`` folds into the layer(s) producing its input.
+
+    ``assume_eval``: answer for the model as it will be in eval mode (what ``inspect`` shows).
+    """
     site = FoldSite(bn_path)
     mc = flow.modules[flow.canonical(bn_path)]
     bn = mc.module
-    channels = int(bn.running_mean.shape[0]) if getattr(bn, "running_mean", None) is not None else None
 
     def leave(reason: str) -> FoldSite:
         site.reason = reason
         return site
 
-    if channels is None:
-        return leave("no running statistics (track_running_stats=False): it always normalizes with batch statistics")
-    if bn.training and family_of(bn) != "frozen_batchnorm":
-        return leave("in train mode, where it normalizes with batch statistics; fold an eval-mode model (model.eval())")
-    if mc.call_count == 0:
-        return leave("never called in the forward pass")
-    if mc.call_count > 1:
-        return leave(f"called {mc.call_count} times: one folded copy cannot serve every call")
+    why = _bn_problem(flow, bn_path, assume_eval)
+    if why:
+        return leave(why)
+    channels = int(bn.running_mean.shape[0])
     consumer: fx.Node = mc.nodes[0]
     src = flow.input_node(bn_path)
     chain: list[fx.Node] = []
@@ -192,6 +206,58 @@ def _concat_site(flow: DataFlow, site: FoldSite, cat: fx.Node, channels: int, ba
     return site
 
 
+def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_eval: bool = False) -> FoldSite:
+    """Decide whether the BN at ``bn_path`` folds into the one conv/linear reading its output.
+
+    Exact only when that layer never sees padded zeros (a zero-padded normalized
+    input is not a zero-padded raw input): no padding, or reflect/replicate/circular.
+    """
+    site = FoldSite(bn_path, into_next=True)
+
+    def leave(reason: str) -> FoldSite:
+        site.reason = reason
+        return site
+
+    why = _bn_problem(flow, bn_path, assume_eval)
+    if why:
+        return leave(why)
+    mc = flow.modules[flow.canonical(bn_path)]
+    bn = mc.module
+    channels = int(bn.running_mean.shape[0])
+    _, kept = activation_or_identity(bn)
+    if kept:
+        return leave(f"its activation ({kept[0].removeprefix('kept activation ')}) sits between it and the next layer")
+    users = flow.output_users(bn_path)
+    if len(users) != 1 or users[0].op != "call_module":
+        return leave("its output does not go to exactly one layer" if len(users) != 1
+                     else f"its output goes to {describe(users[0])}, not to a conv or linear layer")
+    nxt = users[0]
+    module = flow.modules[nxt.target].module
+    name = f"{nxt.target} ({type(module).__name__})"
+    if flow.call_count(nxt.target) != 1:
+        return leave(f"{name} is called {flow.call_count(nxt.target)} times")
+    if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return leave(f"its output goes to {name}, not to a conv or linear layer")
+    if flow.input_node(nxt.target) is not mc.nodes[0]:
+        return leave(f"{name} reads more than the BN's output")
+    why = target_problem(module, bake=bake)
+    if why:
+        return leave(why)
+    if is_pruned(module) or getattr(module, "transposed", False) or type(module).__name__ == "Conv2dSame":
+        return leave(f"{name} cannot absorb a BN on its input (pruned, transposed or padding at run time)")
+    if isinstance(module, nn.Linear):
+        shape = flow.input_shape(bn_path) or ()
+        if len(shape) != 2 or module.in_features != channels:
+            return leave(f"{name} does not read the BN's {channels} channels as its features")
+    else:
+        if module.in_channels != channels:
+            return leave(f"{name} has {module.in_channels} input channels, the BN {channels}")
+        if module.padding_mode == "zeros" and any(p != 0 for p in module._reversed_padding_repeated_twice):
+            return leave(f"{name} pads its input with zeros, where the folded shift would be missing")
+    site.targets = [(flow.canonical(nxt.target), slice(0, channels))]
+    return site
+
+
 # ------------------------------------------------------------------ module plumbing
 
 
@@ -232,6 +298,19 @@ def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
             module.weight = module.weight_orig * module.weight_mask
 
 
+def write_folded_into_input(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Fold the per-input-channel affine (s, t) into ``module`` (a private copy) in place."""
+    w, b = fold_input_channels(module.weight, module.bias, s, t, groups=int(getattr(module, "groups", 1)))
+    weight = module.weight
+    with torch.no_grad():
+        weight.copy_(w.to(weight.dtype))
+        if module.bias is None:
+            module.bias = nn.Parameter(b.to(device=weight.device, dtype=weight.dtype),
+                                       requires_grad=weight.requires_grad)
+        else:
+            module.bias.copy_(b.to(module.bias.dtype))
+
+
 @register(
     "fold",
     families=("batchnorm", "frozen_batchnorm"),
@@ -243,12 +322,21 @@ def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
                "bake parametrized weights (weight/spectral norm) into plain tensors so BN can fold into them"),
         Option("unfoldable", str, "keep", "what to do with a BN that cannot fold: keep it, or make it a "
                "per-channel affine", choices=("keep", "affine")),
+        Option("into_next", bool, False,
+               "fold a BN that cannot fold into its producer into the conv/linear reading its output, when "
+               "that layer sees no zero padding (exact only then)"),
     ),
 )
 def fold(ctx) -> Built:
     bn = ctx.module
     opts = ctx.options
     site = fold_site(ctx.flow, ctx.path, bake=opts["bake_parametrizations"])
+    if not site.foldable and opts["into_next"]:
+        forward = next_layer_site(ctx.flow, ctx.path, bake=opts["bake_parametrizations"])
+        if forward.foldable:
+            site = forward
+        else:
+            site.reason = f"{site.reason}; nor into the next layer: {forward.reason}"
     if not site.foldable:
         frozen = family_of(bn) == "frozen_batchnorm"
         if opts["unfoldable"] == "affine" and (frozen or not bn.training) and getattr(bn, "running_mean", None) is not None:
@@ -258,6 +346,7 @@ def fold(ctx) -> Built:
             return Built(new, [f"not folded ({site.reason}); now a per-channel affine"])
         raise SkipLayer(site.reason)
     s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+    write = write_folded_into_input if site.into_next else write_folded
     also, names = [], []
     for path, channels in site.targets:
         target = ctx.editable(path)
@@ -265,9 +354,10 @@ def fold(ctx) -> Built:
         if parametrize.is_parametrized(target):
             bake(target)
             notes.append("parametrizations baked")
-        write_folded(target, s[channels], t[channels])
-        also.append((path, target, notes + [f"{ctx.path} folded in"]))
+        write(target, s[channels], t[channels])
+        also.append((path, target, notes + [f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")]))
         names.append(path)
     new, notes = activation_or_identity(bn)
     via = f" through {', '.join(site.through)}" if site.through else ""
-    return Built(new, [f"folded into {', '.join(names)}{via}"] + notes, also=also)
+    where = "the next layer, " if site.into_next else ""
+    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also)

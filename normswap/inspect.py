@@ -7,6 +7,7 @@ from typing import Any
 import torch.nn as nn
 
 from .families import channels_of, family_of, is_norm_layer, near_family_of
+from .folding import fold_site, next_layer_site
 from .graph import DataFlow, describe, record, users_of
 from .inputs import infer_input_size, make_inputs
 
@@ -27,21 +28,56 @@ class InspectTable:
             out[r["family"]] = out.get(r["family"], 0) + 1
         return out
 
+    def foldable_count(self) -> tuple[int, int]:
+        """(BN layers fold_bn folds with default options, BN-family layers)."""
+        bns = [r for r in self.rows if r["foldable"] is not None]
+        return sum(1 for r in bns if r["foldable"] and not r["fold_into_next"]), len(bns)
+
     def render(self, console) -> None:
         from rich.table import Table
 
         table = Table(show_edge=False, header_style="bold")
-        for col in ("layer", "class", "C", "mode", "calls", "input from", "that output also feeds"):
+        for col in ("layer", "class", "C", "mode", "calls", "input from", "that output also feeds", "foldable"):
             table.add_column(col, overflow="fold")
         for r in self.rows:
             path = r["path"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
             others = [u for u in r["producer_users"] if u != r["path"]]
             table.add_row(path, r["class"], str(r["channels"]), r["mode"], str(r["calls"]), r["producer"] or "-",
-                          ", ".join(others) or "-")
+                          ", ".join(others) or "-", _fold_cell(r))
         console.print(table)
         counts = ", ".join(f"{n} {fam}" for fam, n in self.summary().items()) or "none"
         console.print(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "
                       f"(input {tuple(self.input_shape)})")
+        folds, bns = self.foldable_count()
+        if bns:
+            console.print(f"fold_bn would fold {folds} of {bns} BatchNorm layer(s)")
+            training = sum(1 for r in self.rows if r["foldable"] is not None and r["mode"] == "train")
+            if training:
+                console.print(f"note: {training} of them are in train mode; the foldable column assumes eval mode, "
+                              "which `normswap fold` sets first (models built from a spec or a state dict start in "
+                              "train mode; normswap.fold leaves train-mode BNs alone)")
+
+
+def _fold_columns(flow: DataFlow, path: str, module: nn.Module) -> dict[str, Any]:
+    """Whether ``fold_bn`` would fold this layer, into what, or why not (the analysis fold itself uses)."""
+    if family_of(module) not in ("batchnorm", "frozen_batchnorm"):
+        return {"foldable": None, "fold_into": [], "fold_reason": None}
+    site = fold_site(flow, path, assume_eval=True)
+    if not site.foldable:
+        forward = next_layer_site(flow, path, assume_eval=True)
+        if forward.foldable:
+            site = forward
+    return {"foldable": site.foldable, "fold_into": [t for t, _ in site.targets], "fold_into_next": site.into_next,
+            "fold_reason": site.reason}
+
+
+def _fold_cell(row: dict) -> str:
+    if row["foldable"] is None:
+        return "-"
+    if row["foldable"]:
+        into = ", ".join(row["fold_into"])
+        return f"into {into} (needs into_next)" if row["fold_into_next"] else f"into {into}"
+    return f"no: {row['fold_reason']}"
 
 
 def inspect_model(model: nn.Module, *, input_size: tuple[int, ...] | None = None,
@@ -70,6 +106,7 @@ def inspect_model(model: nn.Module, *, input_size: tuple[int, ...] | None = None
             "input_shape": list(flow.input_shape(path) or []) if mc.nodes else None,
             "producer": describe(src) if src is not None else None,
             "producer_users": producer_users,
+            **_fold_columns(flow, path, mod),
         })
     shape = [tuple(example_inputs.shape)] if hasattr(example_inputs, "shape") else []
     return InspectTable(type(model).__name__, list(shape[0]) if shape else [], rows)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from . import __version__
 from .errors import ModelLoadError, OutputError, UnsafePickleError
+from .export import FORMATS as EXPORT_SUFFIX
 
 SIDECAR_SUFFIX = ".json"
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
@@ -312,6 +313,8 @@ def _replay(path: Path, side: dict) -> Loaded:
     model = build_spec(spec)
     input_size = side.get("input_size")
     for step in side.get("steps", []):
+        if step.get("eval_mode"):
+            model.eval()
         model = apply(model, step["recipe"], inplace=True,
                       input_size=tuple(input_size) if input_size else None, **step.get("params", {}))
         expected = step.get("layers")
@@ -344,13 +347,24 @@ def _is_tied_alias(model: nn.Module, key: str, sd: Mapping) -> bool:
 # ---------------------------------------------------------------- saving
 
 
-def resolve_output(out: str | os.PathLike, loaded: Loaded) -> Path:
-    """Where to write: OUT with its extension, or the default one; never over an input."""
+def resolve_output(out: str | os.PathLike, loaded: Loaded, *, export: str | None = None) -> Path:
+    """Where to write: OUT with its extension, or the default one; never over an input.
+
+    ``export`` ("onnx" or "pt2") asks for a deployment file; its suffix must match.
+    """
     path = Path(out)
-    if path.suffix == "":
+    if export is not None:
+        want = EXPORT_SUFFIX[export]
+        if path.suffix == "":
+            path = path.with_suffix(want)
+        if path.suffix != want:
+            raise OutputError(f"--export {export} writes a {want} file, not {path}", fix=f"name the output {path.stem}{want}")
+    elif path.suffix == "":
         path = path.with_suffix(".pt" if loaded.spec is None else ".safetensors")
-    if path.suffix not in (".safetensors", ".pt", ".pth"):
-        raise OutputError(f"cannot write '{path.suffix}' files ({path})", fix="name the output .safetensors or .pt")
+    if export is None and path.suffix not in (".safetensors", ".pt", ".pth"):
+        hint = " (or pass --export)" if path.suffix in EXPORT_SUFFIX.values() else ""
+        raise OutputError(f"cannot write '{path.suffix}' files ({path})",
+                          fix=f"name the output .safetensors or .pt{hint}")
     if not path.parent.exists():
         raise OutputError(f"output directory {path.parent} does not exist", fix="create it first")
     if path.is_dir():
@@ -387,9 +401,16 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
     return tmp
 
 
-def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], report: dict) -> Path:
-    """Write the model (and its JSON sidecar) atomically: temp files in the same directory, then rename."""
-    if path.suffix == ".safetensors":
+def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], report: dict,
+               *, data: bytes | None = None) -> Path:
+    """Write the model (and its JSON sidecar) atomically: temp files in the same directory, then rename.
+
+    ``data``: already-encoded bytes to write instead (an exported ONNX or .pt2 model).
+    """
+    if data is not None:
+        def write(tmp: str) -> None:
+            Path(tmp).write_bytes(data)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import save_model as st_save
 
         def write(tmp: str) -> None:

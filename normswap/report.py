@@ -23,6 +23,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     check: dict | None = None
     applied: bool = False
+    export: dict | None = None  # the verified deployment file, when one was asked for
 
     @classmethod
     def from_plan(cls, plan: Plan, model: nn.Module, applied: bool) -> "Report":
@@ -71,6 +72,7 @@ class Report:
             "new_params": self.new_params,
             "notes": self.notes,
             "check": self.check,
+            "export": self.export,
         }
 
     def render(self, console) -> None:
@@ -102,6 +104,11 @@ class Report:
             console.print(f"note: {note}")
         if self.check is not None:
             console.print(f"check ({self.check.get('mode')}): {self.check.get('summary')}")
+        if self.export is not None:
+            e = self.export
+            verdict = "matches" if e["ok"] else "DIFFERS from"
+            console.print(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, "
+                          f"max abs {e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})")
 
 
 def summarize(module: nn.Module) -> str:

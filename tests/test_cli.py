@@ -190,3 +190,104 @@ def test_installed_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
     assert "changed 20 layer(s)" in proc.stdout and out.exists()
+
+
+# ------------------------------------------------------------------ fold
+
+
+@pytest.fixture
+def trained_sd(tmp_path):
+    torch.manual_seed(0)
+    m = randomize_bn(ConvBN(), (2, 3, 16, 16)).eval()
+    p = tmp_path / "trained.pth"
+    torch.save(m.state_dict(), p)
+    return m, p
+
+
+FOLD = ["--arch", "conftest:ConvBN", "--input-size", "2,3,16,16"]
+
+
+def test_fold_to_onnx_runs_in_onnxruntime(tmp_path, trained_sd, capsys):
+    import onnxruntime as ort
+
+    model, sd = trained_sd
+    out = tmp_path / "folded.onnx"
+    assert main(["fold", str(sd), *FOLD, "-o", str(out), "--json"]) == 0  # the suffix picks the format
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["export"]["ok"] and rep["export"]["format"] == "onnx"
+    assert any("switched it to eval mode" in n for n in rep["notes"])  # a state dict loads into a train-mode model
+    assert {c["path"]: c["new"] for c in rep["changes"]}["bn1"] == "Identity" and not rep["skipped"]
+    assert rep["check"]["ok"]
+    x = torch.randn(2, 3, 16, 16)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert abs(got - want).max() <= 1e-5 * abs(want).max()
+    graph_ops = {n.op_type for n in __import__("onnx").load(str(out)).graph.node}
+    assert "BatchNormalization" not in graph_ops and "Conv" in graph_ops
+    assert json.loads((tmp_path / "folded.onnx.json").read_text())["report"]["export"]["ok"]
+
+
+def test_fold_to_pt2_and_safetensors(tmp_path, trained_sd, capsys):
+    model, sd = trained_sd
+    out = tmp_path / "folded.pt2"
+    assert main(["fold", str(sd), *FOLD, "--export", "pt2", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "export (pt2" in text and "matches PyTorch" in text
+    program = torch.export.load(str(out))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), rtol=1e-5, atol=1e-6)
+    assert not any("batch_norm" in str(n.target) for n in program.graph.nodes)
+    st = tmp_path / "folded.safetensors"
+    assert main(["fold", str(sd), *FOLD, "-o", str(st)]) == 0
+    capsys.readouterr()
+    reloaded = normswap.load(st)
+    assert bn_count(reloaded) == 0
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_check_failure_writes_nothing(tmp_path, trained_sd, capsys, monkeypatch):
+    import normswap.folding as F
+
+    real = F.fold_output_channels
+    monkeypatch.setattr(F, "fold_output_channels", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))
+    _, sd = trained_sd
+    out = tmp_path / "folded.onnx"
+    assert main(["fold", str(sd), *FOLD, "-o", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "nothing was written" in text and "failed" in text
+    assert list(tmp_path.iterdir()) == [sd]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--export", "onnx", "-o", "{d}/x.pt"], "--export onnx writes a .onnx file"),
+    (["-o", "{d}/x.tflite"], "cannot write '.tflite' files"),
+    (["--export", "tflite", "-o", "{d}/x.tflite"], "invalid choice"),
+    (["--set", "into_next=maybe", "-o", "{d}/x.pt"], "into_next"),
+])
+def test_fold_bad_arguments_exit_2(tmp_path, trained_sd, capsys, argv, needle):
+    _, sd = trained_sd
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert main(["fold", str(sd), *FOLD, *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [sd]
+
+
+def test_inspect_says_what_folds(capsys):
+    assert main(["inspect", "conftest:ConvBN", "--input-size", "2,3,16,16", "--json"]) == 0
+    rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert rows["bn1"]["fold_into"] == ["conv1"] and rows["bn1"]["foldable"] is True
+    assert rows["bn1"]["mode"] == "train"  # built from a spec; the column answers for eval mode, as fold sets it
+    assert main(["inspect", "conftest:ConvBN", "--input-size", "2,3,16,16"]) == 0
+    text = capsys.readouterr().out
+    assert "fold_bn would fold 2 of 2" in text and "assumes eval mode" in text
+
+
+def test_inspect_gives_the_reason_a_bn_cannot_fold(capsys):
+    assert main(["inspect", "tests.test_fold:SharedBN", "--input-size", "2,4,6,6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["layers"][0]
+    assert row["foldable"] is False and "called 2 times" in row["fold_reason"]

@@ -248,3 +248,87 @@ def test_fold_check_catches_a_wrong_fold(monkeypatch):
         normswap.fold(model, input_size=(2, 3, 8, 8), inplace=True)
     assert isinstance(model[1], nn.BatchNorm2d)
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------ into_next: BN -> the layer after it
+
+
+class BNThen(nn.Module):
+    """BN on the raw input, then a layer: only the layer after it can absorb the BN."""
+
+    def __init__(self, bn, layer, act=None):
+        super().__init__()
+        self.bn, self.layer, self.act = bn, layer, act
+
+    def forward(self, x):
+        x = self.bn(x)
+        return self.layer(self.act(x) if self.act is not None else x)
+
+
+INTO_NEXT = {
+    "conv, reflect padding": (lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")), (2, 4, 8, 8)),
+    "conv, replicate padding": (lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=2, padding_mode="replicate")), (2, 4, 8, 8)),
+    "conv, circular padding": (lambda: BNThen(nn.BatchNorm1d(4), nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular")), (2, 4, 9)),
+    "grouped strided conv, no padding": (lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False)), (2, 4, 9, 9)),
+    "linear": (lambda: BNThen(nn.BatchNorm1d(5), nn.Linear(5, 3)), (4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(INTO_NEXT))
+def test_into_next_folds_exactly(name):
+    make, shape = INTO_NEXT[name]
+    model = prepared(make(), shape)
+    folded, rep, err = fold64(model, shape, into_next=True)
+    assert err <= 1e-12 and bns(folded) == [], rep.skipped
+    assert "folded into the next layer, layer" in rep.changes[0]["notes"][0] + rep.changes[1]["notes"][0]
+    _, rep_default, _ = fold64(model, shape)  # off by default: the BN is listed, not folded
+    assert [s["path"] for s in rep_default.skipped] == ["bn"]
+
+
+INTO_NEXT_LEFT = {
+    "zero-padded conv": (lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)), (2, 4, 6, 6), "pads its input with zeros"),
+    "activation in between": (lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), act=nn.ReLU()), (2, 4, 6, 6),
+                              "not to a conv or linear layer"),
+    "bn-act carries an activation": (lambda: BNThen(BatchNormAct2d(4), nn.Conv2d(4, 4, 1)), (2, 4, 6, 6), "sits between it"),
+    "transposed conv": (lambda: BNThen(nn.BatchNorm2d(4), nn.ConvTranspose2d(4, 4, 3)), (2, 4, 6, 6), "transposed"),
+    "linear over the last dim of 3-d input": (lambda: BNThen(nn.BatchNorm1d(4), nn.Linear(7, 3)), (2, 4, 7), "features"),
+}
+
+
+@pytest.mark.parametrize("name", list(INTO_NEXT_LEFT))
+def test_into_next_leave_alone(name):
+    make, shape, reason = INTO_NEXT_LEFT[name]
+    model = prepared(make(), shape)
+    folded, rep, err = fold64(model, shape, into_next=True)
+    assert err <= 1e-12 and len(bns(folded)) == 1
+    assert len(rep.skipped) == 1 and reason in rep.skipped[0]["reason"], rep.skipped
+
+
+def test_into_next_and_backward_fold_share_one_conv():
+    """bn0 folds into conv's input channels and bn1 into its outputs: both edits land on the same copy."""
+    model = prepared(seq(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8))
+    folded, rep, err = fold64(model, (2, 3, 8, 8), into_next=True)
+    assert err <= 1e-12 and bns(folded) == [] and isinstance(folded[1], nn.Conv2d)
+
+
+# ------------------------------------------------------------------ precision against the stock fuse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_folded_weights_no_further_from_exact_than_torch_fuse(dtype):
+    from torch.fx.experimental.optimization import fuse
+
+    base = prepared(seq(nn.Conv2d(16, 32, 3, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3), nn.BatchNorm2d(32)), (2, 16, 10, 10))
+    exact = normswap.fold(copy.deepcopy(base).double(), input_size=(2, 16, 10, 10), check=False)
+    low = copy.deepcopy(base).to(dtype)
+    ours = normswap.fold(low, input_size=(2, 16, 10, 10), check=False)
+    peer = fuse(copy.deepcopy(low))
+    peer_convs = [m for m in peer.modules() if isinstance(m, nn.Conv2d)]
+    for i, (ref_conv, theirs) in enumerate(zip([exact[0], exact[3]], peer_convs)):
+        mine = ours[3 * i]
+        for name in ("weight", "bias"):
+            e_ours = (getattr(mine, name).double() - getattr(ref_conv, name)).abs().max()
+            e_peer = (getattr(theirs, name).double() - getattr(ref_conv, name)).abs().max()
+            assert getattr(mine, name).dtype == dtype
+            assert e_ours <= e_peer, (i, name, e_ours.item(), e_peer.item())

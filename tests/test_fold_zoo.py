@@ -1,5 +1,6 @@
 """fold_bn across timm families: no foldable BN left, outputs unchanged (float64), fp32 within rounding."""
 import copy
+import statistics
 
 import pytest
 import torch
@@ -39,13 +40,21 @@ def test_fold_timm(name):
     model.eval()
     n_before = len(bn_layers(model))
     m64 = copy.deepcopy(model).double()
+    folded64, report = normswap.fold(m64, input_size=(1, 3, side, side), check=False, return_report=True)
+    assert type(folded64) is type(model)
     x = torch.randn(1, 3, side, side, dtype=torch.float64)
-    folded, report = normswap.fold(m64, input_size=(1, 3, side, side), check=False, return_report=True)
-    assert type(folded) is type(model)
-    assert foldable_left(folded, x) == []
-    assert len(bn_layers(folded)) == len(report.skipped) < n_before
+    assert foldable_left(folded64, x) == []
+    assert len(bn_layers(folded64)) == len(report.skipped) < n_before
+    folded32 = normswap.fold(model, input_size=(1, 3, side, side))  # float32, with the automatic check
+    # the issue's yardstick: error = max abs diff / max abs exact output, median over 4 seeded inputs
+    fold64_err, orig32_err, fold32_err = [], [], []
     with torch.no_grad():
-        ref, out = m64(x), folded(x)
-    assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-9
-    # float32 with the automatic check (rounding-aware)
-    normswap.fold(model, input_size=(1, 3, side, side))
+        for seed in range(4):
+            x = torch.randn(1, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            exact = m64(x)
+            scale = exact.abs().max()
+            fold64_err.append(((folded64(x) - exact).abs().max() / scale).item())
+            orig32_err.append(((model(x.float()).double() - exact).abs().max() / scale).item())
+            fold32_err.append(((folded32(x.float()).double() - exact).abs().max() / scale).item())
+    assert statistics.median(fold64_err) <= 1e-9
+    assert statistics.median(fold32_err) <= max(1e-5, 2 * statistics.median(orig32_err)), (fold32_err, orig32_err)
