@@ -45,6 +45,27 @@ class Rule:
     carry: tuple[str, ...] | None
     required: bool
     line: int | None
+    template: Selector | None = None  # the match as written, "${p}" in path/exclude unresolved
+
+    def bind(self, params: Mapping[str, Any]) -> "Rule":
+        """This rule with ``${p}`` in its match's path/exclude replaced by the parameter's value."""
+        template = self.template or self.selector
+
+        def resolve(patterns: tuple[str, ...]) -> tuple[str, ...]:
+            out: list[str] = []
+            for pat in patterns:
+                ref = _PARAM_REF.match(pat)
+                value = params.get(ref.group(1)) if ref else pat
+                out.extend([value] if isinstance(value, str) else list(value or ()))
+            return tuple(out)
+
+        selector = dc_replace(template, paths=resolve(template.paths), exclude=resolve(template.exclude))
+        return dc_replace(self, selector=selector, template=template)
+
+    def match_params(self) -> list[str]:
+        """Names of the parameters this rule's path/exclude refer to."""
+        template = self.template or self.selector
+        return [m.group(1) for p in template.paths + template.exclude if (m := _PARAM_REF.match(p))]
 
     def label(self) -> str:
         return f"rule {self.index + 1} ({self.name})" if self.name else f"rule {self.index + 1}"
@@ -65,7 +86,7 @@ class Recipe:
         """The recipe with parameter values replaced; unknown names and bad values are errors."""
         if not overrides:
             self.resolved_options()  # still validate "${p}" values against their options
-            return self
+            return self._bound()
         problems = []
         for key in overrides:
             if key not in self.params:
@@ -79,7 +100,22 @@ class Recipe:
         data["params"] = params
         out = dc_replace(self, params=params, data=data)
         out.resolved_options()
-        return out
+        return out._bound()
+
+    def _bound(self) -> "Recipe":
+        """Rules with path parameters resolved; a path parameter must be a glob or a list of globs."""
+        problems = []
+        for rule in self.rules:
+            for name in rule.match_params():
+                value = self.params.get(name)
+                ok = (isinstance(value, str) and value) or (
+                    isinstance(value, list) and value and all(isinstance(x, str) and x for x in value))
+                if not ok:
+                    problems.append(Problem(self.source, rule.line, f"{rule.label()}: parameter '{name}' is used as "
+                                            f"a path glob, so it must be a glob or a list of globs, got {value!r}"))
+        if problems:
+            raise RecipeError(problems)
+        return dc_replace(self, rules=tuple(r.bind(self.params) for r in self.rules))
 
     def resolved_options(self) -> list[dict[str, Any]]:
         """Each rule's options with parameters substituted and defaults filled in, type-checked."""
@@ -342,6 +378,13 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
         rname = ""
 
     selector = _parse_match(v, rd.get("match"), path + ("match",), label, "match" in rd)
+    for key in ("path", "exclude"):
+        for pat in (selector.paths if key == "path" else selector.exclude) if selector else ():
+            ref = _PARAM_REF.match(pat)
+            if ref and ref.group(1) not in params:
+                v.add(path + ("match", key), f"{label}: '{pat}' refers to an undeclared parameter; declare it under 'params:'")
+            elif ref:
+                used.add(ref.group(1))
 
     repl = None
     if "replace" not in rd:

@@ -99,3 +99,302 @@ def identity(ctx) -> Built:
     new, notes = activation_or_identity(ctx.module)
     notes = ["parameters and buffers dropped"] + notes + carry.finish(ctx.module, new)
     return Built(new, notes, {})
+
+
+# ------------------------------------------------------------------ the activation-norm catalog
+
+
+def _input_shape(ctx) -> tuple[int, ...]:
+    """The layer's input shape in the recorded forward; skips a layer the forward never reached."""
+    shape = ctx.input_shape()
+    if shape is None:
+        raise SkipLayer("not called in the example forward, so its input shape is unknown")
+    return tuple(shape)
+
+
+def _require_spatial(ctx, target: str) -> tuple[int, ...]:
+    """Per-sample norms need several values per channel; (N, C) and 1x1 maps have one."""
+    shape = _input_shape(ctx)
+    if len(shape) < 3:
+        raise SkipLayer(f"its input {shape} has no spatial axis: {target} would normalize single values to 0")
+    spatial = 1
+    for s in shape[2:]:
+        spatial *= s
+    if spatial == 1:
+        raise SkipLayer(f"its input {shape} is 1x1 per channel: {target} would normalize single values to 0")
+    return shape
+
+
+def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
+    shape = _input_shape(ctx)
+    if len(shape) not in ranks:
+        want = " or ".join(f"{r}-d" for r in ranks)
+        raise SkipLayer(f"{target} takes {want} input; this layer sees {shape}")
+    return shape
+
+
+def _eps(ctx) -> float:
+    eps = ctx.options.get("eps")
+    return float(eps) if eps is not None else float(getattr(ctx.module, "eps", 1e-5))
+
+
+def _with_activation(ctx, new: nn.Module, notes: list[str]) -> nn.Module:
+    """Give ``new`` the old norm-act layer's activation (as a norm-act class); plain norms pass through."""
+    act = activation_of(ctx.module)
+    if act is None or all(isinstance(m, nn.Identity) for m in act):
+        return new
+    from .layers.norm_act import act_class
+
+    paired = act_class(type(new))
+    new.__class__ = paired  # same state, plus the drop/act slots the mixin runs after the norm
+    new.drop, new.act = nn.Identity(), nn.Identity()
+    notes += carry.carry_activation(ctx.module, new)
+    return new
+
+
+@register(
+    "instance_norm",
+    families=_BN_LIKE,
+    carries=("affine", "running_stats"),
+    default_carry=("affine",),
+    needs_analysis=True,
+    doc="InstanceNorm: each sample and channel normalized over its own spatial values (style transfer). "
+        "γ/β carried; no running statistics unless asked.",
+    options=(
+        Option("affine", bool, True, "learnable per-channel γ/β (carried from the BN)"),
+        Option("track_running_stats", bool, False, "keep running statistics for eval mode (carried when set)"),
+        Option("eps", float, None, "epsilon; default: the old layer's", nullable=True, minimum=0.0),
+    ),
+)
+def instance_norm(ctx) -> Built:
+    old, opts = ctx.module, ctx.options
+    shape = _require_spatial(ctx, "InstanceNorm")
+    cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(len(shape))
+    if cls is None:
+        raise SkipLayer(f"InstanceNorm takes 3-, 4- or 5-d input; this layer sees {shape}")
+    channels = channels_of(old)
+    affine = opts["affine"] and getattr(old, "weight", None) is not None
+    momentum = getattr(old, "momentum", 0.1)
+    new = cls(channels, eps=_eps(ctx), momentum=0.1 if momentum is None else momentum, affine=affine,
+              track_running_stats=opts["track_running_stats"], **carry.factory_kwargs(old))
+    notes: list[str] = []
+    if opts["affine"] and not affine:
+        notes.append("the old layer had no affine; the new one has none either")
+    new = _with_activation(ctx, new, notes)
+    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
+    if opts["track_running_stats"] and "running_stats" in ctx.carry:
+        carried.update(carry.carry_running_stats(old, new))
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "layer_norm",
+    families=_BN_LIKE,
+    carries=("affine",),
+    needs_analysis=True,
+    doc="LayerNorm: each sample normalized over C,H,W (GroupNorm with one group), or over channels only "
+        "at each position (ConvNeXt's LayerNorm2d). γ/β carried.",
+    options=(
+        Option("over", str, "chw", "chw: all of C,H,W (GroupNorm(1, C)); c: channels only, per position",
+               choices=("chw", "c")),
+        Option("eps", float, None, "epsilon; default: the old layer's", nullable=True, minimum=0.0),
+    ),
+)
+def layer_norm(ctx) -> Built:
+    from timm.layers import LayerNorm2d
+    from timm.layers.norm_act import GroupNorm1Act, LayerNormAct2d
+
+    old, opts = ctx.module, ctx.options
+    shape = _input_shape(ctx)
+    channels = channels_of(old)
+    affine = getattr(old, "weight", None) is not None
+    fk = carry.factory_kwargs(old)
+    has_act = activation_of(old) is not None
+    notes: list[str] = []
+    if len(shape) == 2:  # (N, C): over channels is all there is
+        new = nn.LayerNorm(channels, eps=_eps(ctx), elementwise_affine=affine, **fk)
+    elif opts["over"] == "chw":
+        if has_act:
+            new = GroupNorm1Act(channels, eps=_eps(ctx), affine=affine, apply_act=False, **fk)
+            notes += carry.carry_activation(old, new)
+        else:
+            new = nn.GroupNorm(1, channels, eps=_eps(ctx), affine=affine, **fk)
+    else:
+        if len(shape) != 4:
+            raise SkipLayer(f"channel-only LayerNorm2d takes 4-d input; this layer sees {shape}")
+        if has_act:
+            new = LayerNormAct2d(channels, eps=_eps(ctx), affine=affine, apply_act=False)
+            notes += carry.carry_activation(old, new)
+        else:
+            new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine)
+        new.to(**fk)
+    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "frozen_batch_norm",
+    families=("batchnorm",),
+    carries=("affine", "running_stats"),
+    needs_analysis=True,
+    doc="FrozenBatchNorm2d: BN with its statistics and affine fixed as buffers (fine-tuning at small batch, "
+        "DP-SGD keeping a pretrained function). Same eval-mode output.",
+    options=(),
+)
+def frozen_batch_norm(ctx) -> Built:
+    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+
+    old = ctx.module
+    _require_rank(ctx, (4,), "FrozenBatchNorm2d")
+    if getattr(old, "running_mean", None) is None:
+        raise SkipLayer("it has no running statistics to freeze (track_running_stats=False)")
+    channels = channels_of(old)
+    notes: list[str] = []
+    if activation_of(old) is not None:
+        new = FrozenBatchNormAct2d(channels, eps=float(old.eps), apply_act=False)
+        notes += carry.carry_activation(old, new)
+    else:
+        new = FrozenBatchNorm2d(channels, eps=float(old.eps))
+    new.to(**carry.factory_kwargs(old))
+    carried = {}
+    if getattr(old, "weight", None) is not None:
+        carried.update(carry.carry_affine(old, new))
+    carried.update(carry.carry_tensors(old, new, {"running_mean": "running_mean", "running_var": "running_var"},
+                                       "running statistics"))
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "sync_batch_norm",
+    families=("batchnorm",),
+    carries=("affine", "running_stats"),
+    doc="SyncBatchNorm: BN with batch statistics synchronized across processes (multi-GPU training). "
+        "timm's BatchNormAct2d becomes SyncBatchNormAct with the same activation. Same eval-mode output.",
+    options=(),
+)
+def sync_batch_norm(ctx) -> Built:
+    from timm.layers.norm_act import SyncBatchNormAct
+
+    old = ctx.module
+    channels = channels_of(old)
+    kwargs = dict(eps=float(old.eps), momentum=old.momentum, affine=getattr(old, "weight", None) is not None,
+                  track_running_stats=getattr(old, "running_mean", None) is not None)
+    notes: list[str] = []
+    if activation_of(old) is not None:
+        new = SyncBatchNormAct(channels, **kwargs)
+        notes += carry.carry_activation(old, new)
+    else:
+        new = nn.SyncBatchNorm(channels, **kwargs)
+    new.to(**carry.factory_kwargs(old))
+    carried = {}
+    if "affine" in ctx.carry:
+        carried.update(carry.carry_affine(old, new))
+    if "running_stats" in ctx.carry:
+        carried.update(carry.carry_running_stats(old, new))
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "evonorm",
+    families=_BN_LIKE,
+    carries=("affine",),
+    needs_analysis=True,
+    doc="timm's EvoNorm (Liu et al. 2020): a norm-activation layer. S0 is batch-free (groups, like GN), "
+        "B0 uses batch variance. Replaces BN and the activation a norm-act layer carried.",
+    options=(
+        Option("variant", str, "s0", "s0 (batch-free, for small batches) or b0", choices=("s0", "b0")),
+        Option("num_groups", int, 32, "groups for S0 (the nearest valid count is taken)", minimum=1),
+        Option("min_group_size", int, 4, "fewest channels per S0 group", minimum=1),
+    ),
+)
+def evonorm(ctx) -> Built:
+    from timm.layers import EvoNorm2dB0, EvoNorm2dS0
+
+    old, opts = ctx.module, ctx.options
+    _require_rank(ctx, (4,), "EvoNorm2d")
+    channels = channels_of(old)
+    apply_act = activation_of(old) is not None and not isinstance(activation_of(old)[1], nn.Identity)
+    fk = carry.factory_kwargs(old)
+    notes: list[str] = []
+    if opts["variant"] == "s0":
+        groups = choose_num_groups(channels, opts["num_groups"], opts["min_group_size"])
+        new = EvoNorm2dS0(channels, groups=groups, apply_act=apply_act, eps=float(old.eps), **fk)
+        notes.append(f"{groups} groups of {channels // groups}")
+    else:
+        new = EvoNorm2dB0(channels, apply_act=apply_act, eps=float(old.eps), **fk)
+    if apply_act:
+        notes.append(f"EvoNorm's own nonlinearity replaces {type(activation_of(old)[1]).__name__}")
+    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and getattr(old, "weight", None) is not None else {}
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "filter_response_norm",
+    families=_BN_LIKE,
+    carries=("affine",),
+    needs_analysis=True,
+    doc="timm's Filter Response Normalization (Singh & Krishnan 2020): batch-free, divides by the mean "
+        "square over H,W; a norm-act layer's ReLU becomes FRN's TLU, other activations are kept.",
+    options=(
+        Option("eps", float, 1e-6, "epsilon", minimum=0.0),
+    ),
+)
+def filter_response_norm(ctx) -> Built:
+    from timm.layers import FilterResponseNormAct2d, FilterResponseNormTlu2d
+
+    old, opts = ctx.module, ctx.options
+    _require_spatial(ctx, "FilterResponseNorm")
+    _require_rank(ctx, (4,), "FilterResponseNorm2d")
+    channels = channels_of(old)
+    act = activation_of(old)
+    act_mod = None if act is None or isinstance(act[1], nn.Identity) else act[1]
+    fk = carry.factory_kwargs(old)
+    notes: list[str] = []
+    if act_mod is None:
+        new = FilterResponseNormTlu2d(channels, apply_act=False, eps=opts["eps"], **fk)
+    elif isinstance(act_mod, nn.ReLU):
+        new = FilterResponseNormTlu2d(channels, apply_act=True, eps=opts["eps"], **fk)
+        notes.append("ReLU became FRN's thresholded linear unit (TLU)")
+    else:
+        new = FilterResponseNormAct2d(channels, apply_act=True, eps=opts["eps"], **fk)
+        new.act = copy.deepcopy(act_mod)
+        notes.append(f"kept act {type(act_mod).__name__}")
+    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and getattr(old, "weight", None) is not None else {}
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "weight_standardized_conv",
+    families=("conv",),
+    carries=("weights",),
+    doc="Conv2d -> timm's StdConv2d (weight standardization, Qiao et al. 2019), the partner of GroupNorm "
+        "at small batch. Weights carried; the function changes (the weight is standardized in forward).",
+    options=(
+        Option("eps", float, 1e-6, "epsilon of the weight standardization", minimum=0.0),
+    ),
+)
+def weight_standardized_conv(ctx) -> Built:
+    from timm.layers import StdConv2d, StdConv2dSame
+    from timm.layers.conv2d_same import Conv2dSame
+
+    old = ctx.module
+    if type(old) not in (nn.Conv2d, Conv2dSame):
+        raise SkipLayer(f"weight standardization is provided for Conv2d, not {type(old).__name__}")
+    if old.weight[0].numel() == 1:
+        raise SkipLayer("each output channel has a single weight, which standardization would zero")
+    if old.padding_mode != "zeros":
+        raise SkipLayer(f"StdConv2d pads with zeros; this conv pads with {old.padding_mode}")
+    cls = StdConv2dSame if isinstance(old, Conv2dSame) else StdConv2d
+    padding = old.padding if isinstance(old.padding, str) else tuple(old.padding)
+    kwargs = {} if cls is StdConv2dSame else {"padding": padding}
+    new = cls(old.in_channels, old.out_channels, old.kernel_size, stride=old.stride, dilation=old.dilation,
+              groups=old.groups, bias=old.bias is not None, eps=ctx.options["eps"], **kwargs)
+    new.to(**carry.factory_kwargs(old))
+    carried = carry.carry_tensors(old, new, {"weight": "weight", "bias": "bias"}, "weights")
+    return Built(new, carry.finish(old, new), carried)
