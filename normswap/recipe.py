@@ -85,7 +85,7 @@ class Recipe:
     def with_params(self, overrides: Mapping[str, Any] | None) -> "Recipe":
         """The recipe with parameter values replaced; unknown names and bad values are errors."""
         if not overrides:
-            self.resolved_options()  # still validate "${p}" values against their options
+            self.resolved_options(allow_unset=True)  # still validate "${p}" values against their options
             return self._bound()
         problems = []
         for key in overrides:
@@ -99,7 +99,7 @@ class Recipe:
         data = copy.deepcopy(dict(self.data))
         data["params"] = params
         out = dc_replace(self, params=params, data=data)
-        out.resolved_options()
+        out.resolved_options(allow_unset=True)
         return out._bound()
 
     def _bound(self) -> "Recipe":
@@ -117,8 +117,12 @@ class Recipe:
             raise RecipeError(problems)
         return dc_replace(self, rules=tuple(r.bind(self.params) for r in self.rules))
 
-    def resolved_options(self) -> list[dict[str, Any]]:
-        """Each rule's options with parameters substituted and defaults filled in, type-checked."""
+    def resolved_options(self, *, allow_unset: bool = False) -> list[dict[str, Any]]:
+        """Each rule's options with parameters substituted and defaults filled in, type-checked.
+
+        A parameter declared ``null`` for an option that needs a value must be set by the
+        caller; ``allow_unset`` defers that (listing or validating a recipe is not using it).
+        """
         out, problems = [], []
         for rule in self.rules:
             repl = registry.get(rule.replace)
@@ -128,6 +132,12 @@ class Recipe:
                 if ref:
                     value = self.params[ref.group(1)]
                 opt = repl.option(key)
+                if ref and value is None and opt is not None and not opt.nullable:
+                    if not allow_unset:
+                        name = ref.group(1)
+                        problems.append(Problem(self.source, rule.line, f"parameter '{name}' has no default and must "
+                                                f"be set: --set {name}=... or {name}=... in Python"))
+                    continue
                 why = opt.problem(value) if opt else None
                 if why:
                     via = f" (from parameter '{ref.group(1)}')" if ref else ""
@@ -361,7 +371,7 @@ def parse_data(data: Any, source: str, lines: dict) -> Recipe:
         source=source,
         data=copy.deepcopy(data),
     )
-    recipe.resolved_options()
+    recipe.resolved_options(allow_unset=True)
     return recipe
 
 

@@ -398,3 +398,116 @@ def weight_standardized_conv(ctx) -> Built:
     new.to(**carry.factory_kwargs(old))
     carried = carry.carry_tensors(old, new, {"weight": "weight", "bias": "bias"}, "weights")
     return Built(new, carry.finish(old, new), carried)
+
+
+def _needs_running_stats(old: nn.Module, target: str) -> None:
+    if getattr(old, "running_mean", None) is None:
+        raise SkipLayer(f"{target} needs running statistics, and this layer has none (track_running_stats=False)")
+
+
+@register(
+    "batch_renorm",
+    families=("batchnorm",),
+    carries=("affine", "running_stats"),
+    needs_analysis=True,
+    doc="Batch Renormalization (Ioffe 2017): BN whose training output is corrected towards the running "
+        "statistics by r, d (clipped to rmax, dmax; no gradient), for small or non-i.i.d. batches. "
+        "Same eval-mode output.",
+    options=(
+        Option("rmax", float, 3.0, "largest scale correction r (1 = plain BN)", minimum=1.0),
+        Option("dmax", float, 5.0, "largest shift correction d (0 = plain BN)", minimum=0.0),
+    ),
+)
+def batch_renorm(ctx) -> Built:
+    from .layers.renorm import _BatchRenorm
+
+    old = ctx.module
+    _needs_running_stats(old, "Batch Renorm")
+    shape = _input_shape(ctx)
+    dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(len(shape))
+    if dim is None:
+        raise SkipLayer(f"Batch Renorm takes 2- to 5-d input; this layer sees {shape}")
+    new = _BatchRenorm.from_bn(old, rmax=ctx.options["rmax"], dmax=ctx.options["dmax"], dim=dim)
+    notes: list[str] = []
+    if getattr(old, "momentum", 0.1) is None:
+        notes.append("the BN used a cumulative average (momentum=None); Batch Renorm uses momentum 0.1")
+    new = _with_activation(ctx, new, notes)
+    carried = {n: n for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+               if getattr(old, n, None) is not None}
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "ibn",
+    families=("batchnorm",),
+    carries=("affine", "running_stats"),
+    needs_analysis=True,
+    doc="IBN-Net (Pan et al. 2018): the first `ratio` of the channels InstanceNorm, the rest BatchNorm, "
+        "for appearance invariance across domains. γ/β split between the halves, statistics carried.",
+    options=(
+        Option("ratio", float, 0.5, "fraction of channels given to InstanceNorm", minimum=0.0),
+    ),
+)
+def ibn(ctx) -> Built:
+    from .layers.ibn import IBN
+
+    old, ratio = ctx.module, ctx.options["ratio"]
+    _needs_running_stats(old, "IBN")
+    _require_rank(ctx, (4,), "IBN")
+    _require_spatial(ctx, "IBN's InstanceNorm half")
+    channels = channels_of(old)
+    k = int(channels * ratio)
+    if not 0 < k < channels:
+        ctx.fail(f"ratio {ratio} leaves {k} of {channels} channels for InstanceNorm; both halves must be non-empty",
+                 fix="choose a ratio strictly between 1/C and 1 (IBN-Net uses 0.5)")
+    new = IBN.from_bn(old, ratio=ratio)
+    notes = [f"channels [:{k}] InstanceNorm (γ/β carried), [{k}:] BatchNorm (γ/β and statistics carried)"]
+    new = _with_activation(ctx, new, notes)
+    notes += carry.finish(old, new)
+    return Built(new, notes, {})  # split tensors: no one-to-one parameter map
+
+
+def _conditional(ctx, cls_name: str, what: str) -> Built:
+    from .layers import conditional
+
+    cls = getattr(conditional, cls_name)
+    old, n = ctx.module, ctx.options["num_conditions"]
+    _require_rank(ctx, (4,), cls_name)
+    if cls_name == "ConditionalInstanceNorm2d":
+        _require_spatial(ctx, "conditional InstanceNorm")
+    else:
+        _needs_running_stats(old, cls_name)
+    new = cls.from_bn(old, n)
+    notes = [f"{n} {what}: every row of the γ/β tables starts as the BN's γ/β; set the condition with "
+             "normswap.layers.conditioned(model, y)"]
+    new = _with_activation(ctx, new, notes)
+    carried = {"running_mean": "running_mean", "running_var": "running_var"} if cls_name == "ConditionalBatchNorm2d" else {}
+    notes += carry.finish(old, new)
+    return Built(new, notes, carried)
+
+
+@register(
+    "conditional_instance_norm",
+    families=_BN_LIKE,
+    carries=("affine",),
+    needs_analysis=True,
+    doc="Conditional InstanceNorm (Dumoulin et al. 2017): one γ/β per style, for multi-style transfer "
+        "networks. Each style's γ/β starts as the BN's.",
+    options=(Option("num_conditions", int, None, "number of styles", minimum=1),),
+)
+def conditional_instance_norm(ctx) -> Built:
+    return _conditional(ctx, "ConditionalInstanceNorm2d", "styles")
+
+
+@register(
+    "conditional_batch_norm",
+    families=("batchnorm",),
+    carries=("affine", "running_stats"),
+    needs_analysis=True,
+    doc="Class-conditional BatchNorm (SNGAN, BigGAN generators): shared statistics, one γ/β per class. "
+        "Each class's γ/β starts as the BN's; statistics carried.",
+    options=(Option("num_conditions", int, None, "number of classes", minimum=1),),
+)
+def conditional_batch_norm(ctx) -> Built:
+    return _conditional(ctx, "ConditionalBatchNorm2d", "classes")

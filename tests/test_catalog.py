@@ -12,7 +12,10 @@ from timm.layers.norm_act import (BatchNormAct2d, FrozenBatchNorm2d, FrozenBatch
 
 import normswap
 from normswap.families import family_of
-from normswap.layers.norm_act import InstanceNormAct2d
+from normswap.layers import (IBN, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, ConditionalBatchNorm2d,
+                             ConditionalInstanceNorm2d, conditioned)
+from normswap.layers.norm_act import (BatchRenormAct2d, ConditionalBatchNormAct2d, ConditionalInstanceNormAct2d,
+                                      InstanceNormAct2d)
 from normswap.testing import randomize_bn
 
 ARCHS = {  # name -> side; chosen for variety: plain BN, norm-act BN, 1x1 SE BNs, BN1d on (N, C), TF padding
@@ -33,7 +36,11 @@ NEW_TYPES = {
     "bn_to_evonorm": (EvoNorm2dS0,),
     "bn_to_frn": (FilterResponseNormTlu2d, FilterResponseNormAct2d),
     "bn_to_gn_ws": (nn.GroupNorm, GroupNormAct),
+    "bn_to_renorm": (BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormAct2d),
+    "bn_to_cin": (ConditionalInstanceNorm2d, ConditionalInstanceNormAct2d),
+    "bn_to_cbn": (ConditionalBatchNorm2d, ConditionalBatchNormAct2d),
 }
+PARAMS = {"bn_to_cin": {"num_styles": 3}, "bn_to_cbn": {"num_classes": 4}}
 BATCH_FREE = {"bn_to_gn", "bn_to_in", "bn_to_ln", "bn_to_frozen", "bn_to_evonorm", "bn_to_frn", "bn_to_gn_ws"}
 # why a layer may legitimately be left, per recipe
 SKIP_REASONS = {
@@ -41,6 +48,8 @@ SKIP_REASONS = {
     "bn_to_frozen": ("takes 4-d input",),
     "bn_to_evonorm": ("takes 4-d input",),
     "bn_to_frn": ("no spatial axis", "1x1 per channel", "takes 4-d input"),
+    "bn_to_cin": ("no spatial axis", "1x1 per channel", "takes 4-d input"),
+    "bn_to_cbn": ("takes 4-d input",),
 }
 
 
@@ -58,7 +67,11 @@ def grads_reach(reference, out, batch, side):
     """A train-mode step at ``batch``: every parameter that learns in the original gets a finite gradient."""
     out.train()
     x = torch.randn(batch, 3, side, side)
-    out(x).square().mean().backward()
+    if any(isinstance(m, (ConditionalInstanceNorm2d, ConditionalBatchNorm2d)) for m in out.modules()):
+        with conditioned(out, torch.arange(batch) % 3):
+            out(x).square().mean().backward()
+    else:
+        out(x).square().mean().backward()
     learning = {n for n, p in reference.named_parameters() if p.requires_grad}
     for n, p in out.named_parameters():
         if n in learning:
@@ -78,12 +91,13 @@ def models():
 
 
 @pytest.mark.parametrize("recipe", list(NEW_TYPES))
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "levit_128s"])  # LeViT: its BN1d cases below
 def test_recipe_on_timm(models, recipe, arch):
     side = ARCHS[arch]
     model = models(arch)
     before = bn_layers(model)
-    out, rep = normswap.apply(model, recipe, input_size=(1, 3, side, side), return_report=True)
+    out, rep = normswap.apply(model, recipe, input_size=(1, 3, side, side), return_report=True,
+                              **PARAMS.get(recipe, {}))
     assert type(out) is type(model)
     after = dict(out.named_modules())
     skipped = {s["path"] for s in rep.skipped}
@@ -97,9 +111,13 @@ def test_recipe_on_timm(models, recipe, arch):
             continue
         assert isinstance(new, NEW_TYPES[recipe]), (path, type(new))
         if getattr(old, "weight", None) is not None and getattr(new, "weight", None) is not None:
-            assert torch.equal(old.weight.detach().flatten(), new.weight.detach().flatten()), path
-            assert torch.equal(old.bias.detach().flatten(), new.bias.detach().flatten()), path
-        if recipe in ("bn_to_frozen", "sync_bn"):
+            if new.weight.ndim == 2:  # conditional: one row per condition, each starting as the BN's
+                assert all(torch.equal(row, old.weight.detach()) for row in new.weight.detach()), path
+                assert all(torch.equal(row, old.bias.detach()) for row in new.bias.detach()), path
+            else:
+                assert torch.equal(old.weight.detach().flatten(), new.weight.detach().flatten()), path
+                assert torch.equal(old.bias.detach().flatten(), new.bias.detach().flatten()), path
+        if recipe in ("bn_to_frozen", "sync_bn", "bn_to_renorm", "bn_to_cbn"):
             assert torch.equal(old.running_mean, new.running_mean) and torch.equal(old.running_var, new.running_var)
     assert {p for p, m in before.items() if type(after[p]) is type(m)} == skipped
     if recipe == "bn_to_gn_ws":
@@ -112,9 +130,14 @@ def test_recipe_on_timm(models, recipe, arch):
         grads_reach(model, out, 1, side)
 
 
-def test_levit_bn1d_on_tokens_is_skipped_by_instance_norm(models):
-    rep = normswap.plan(models("levit_128s"), "bn_to_in", input_size=(1, 3, 224, 224))
+def test_levit_bn1d_on_tokens(models):
+    """LeViT's BatchNorm1d sees (B*N, C) tokens: no spatial axis for InstanceNorm; LayerNorm over C fits."""
+    model = models("levit_128s")
+    rep = normswap.plan(model, "bn_to_in", input_size=(1, 3, 224, 224))
     assert rep.skipped and all("no spatial axis" in s["reason"] for s in rep.skipped)
+    out = normswap.apply(model, "bn_to_ln", input_size=(1, 3, 224, 224))
+    assert not bn_layers(out) and sum(isinstance(m, nn.LayerNorm) for m in out.modules()) >= 40
+    grads_reach(model, out, 2, 224)
 
 
 def test_rexnet_se_bns_on_1x1_maps_are_skipped(models):
@@ -208,7 +231,7 @@ def test_gn_ws_standardizes_and_carries():
 # ------------------------------------------------------------------ eval-mode equivalence
 
 
-@pytest.mark.parametrize("recipe", ["bn_to_frozen", "sync_bn"])
+@pytest.mark.parametrize("recipe", ["bn_to_frozen", "sync_bn", "bn_to_renorm"])
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050", "tf_efficientnet_b0"])
 def test_same_function_in_eval(models, recipe, arch):
     side = ARCHS[arch]
@@ -265,3 +288,69 @@ def test_batch_free_trains_at_batch_one_on_1x1_maps_where_bn_raises():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------ IBN-a
+
+
+IBN_PATHS = {  # arch -> (side, paths for ibn_a or None for the default ResNet paths, expected count)
+    "resnet18": (64, None, 6),
+    "resnet50": (64, None, 13),
+    "seresnext26d_32x4d": (64, None, 6),
+    "regnetx_002": (64, ["s1.*.conv1.bn", "s2.*.conv1.bn"], 2),
+    "mobilenetv3_small_050": (64, ["blocks.1.*.bn1", "blocks.2.*.bn1"], 5),
+}
+
+
+@pytest.mark.parametrize("arch", list(IBN_PATHS))
+def test_ibn_a(arch):
+    side, paths, count = IBN_PATHS[arch]
+    model = built(arch, side)
+    kw = {"paths": paths} if paths else {}
+    out, rep = normswap.apply(model, "ibn_a", input_size=(1, 3, side, side), return_report=True, **kw)
+    assert type(out) is type(model)
+    ibns = {n: m for n, m in out.named_modules() if isinstance(m, IBN)}
+    assert len(ibns) == count and not rep.skipped
+    for path, new in ibns.items():
+        old = model.get_submodule(path)
+        k = new.half
+        assert k == old.num_features // 2
+        assert torch.equal(new.IN.weight, old.weight[:k]) and torch.equal(new.BN.weight, old.weight[k:])
+        assert torch.equal(new.BN.running_var, old.running_var[k:])
+        if getattr(old, "act", None) is not None and not isinstance(old.act, nn.Identity):
+            assert type(new.act) is type(old.act)
+    grads_reach(model, out, 2, side)
+
+
+def test_ibn_a_default_paths_on_a_non_resnet_is_an_error():
+    with pytest.raises(normswap.NormswapError, match="required but matched no layer"):
+        normswap.apply(built("regnetx_002", 64), "ibn_a", input_size=(1, 3, 64, 64))
+
+
+# ------------------------------------------------------------------ conditional norms
+
+
+def test_conditional_in_renders_per_sample_styles():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 3, 3, padding=1)), (2, 3, 16, 16))
+    out = normswap.apply(model, "bn_to_cin", num_styles=4, input_size=(1, 3, 16, 16))
+    cin = out[1]
+    with torch.no_grad():
+        cin.weight[2].mul_(3.0)
+    x = torch.randn(2, 3, 16, 16)
+    with conditioned(out, torch.tensor([0, 2])):
+        y = out(x)
+    with conditioned(out, torch.tensor([0, 0])):
+        y0 = out(x)
+    assert torch.equal(y[0], y0[0]) and not torch.allclose(y[1], y0[1])
+    # style 0 still computes what the BN's affine did on instance-normalized features
+    ref = nn.functional.instance_norm(out[0](x), eps=model[1].eps) * model[1].weight[:, None, None] + model[1].bias[:, None, None]
+    assert torch.allclose(y0, out[3](torch.relu(ref)), atol=1e-5)
+    with pytest.raises(RuntimeError, match="conditioned"):
+        out(x)
+
+
+def test_conditional_recipes_need_their_count():
+    with pytest.raises(normswap.NormswapError, match="num_classes' has no default and must be set"):
+        normswap.apply(built("resnet18", 64), "bn_to_cbn", input_size=(1, 3, 64, 64))

@@ -56,3 +56,15 @@ def define_act_class(norm_cls: type, module_globals: dict) -> type:
 
 for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     define_act_class(_cls, globals())
+
+
+def _define_catalog_act_classes() -> None:
+    from .conditional import ConditionalBatchNorm2d, ConditionalInstanceNorm2d
+    from .ibn import IBN
+    from .renorm import BatchRenorm2d
+
+    for cls in (BatchRenorm2d, IBN, ConditionalInstanceNorm2d, ConditionalBatchNorm2d):
+        define_act_class(cls, globals())
+
+
+_define_catalog_act_classes()
