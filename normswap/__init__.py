@@ -9,10 +9,11 @@ from .errors import CheckFailedError, ModelLoadError, NormswapError, PlanError, 
 from .api import apply, check, fold, list_recipes, load, plan, recipe  # noqa: E402
 from .check import CheckResult  # noqa: E402
 from .graph import DataFlow, record  # noqa: E402
+from .privacy import prepare_for_opacus  # noqa: E402
 from .report import Report  # noqa: E402
 
 __all__ = [
-    "apply", "plan", "fold", "check", "load", "list_recipes", "recipe", "record",
+    "apply", "plan", "fold", "check", "load", "list_recipes", "recipe", "record", "prepare_for_opacus",
     "NormswapError", "RecipeError", "PlanError", "ModelLoadError", "CheckFailedError",
     "CheckResult", "DataFlow", "Report", "__version__",
 ]
