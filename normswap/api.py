@@ -43,8 +43,10 @@ def apply(
     p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, **params)
     report = Report.from_plan(p, model, applied=True)
     reference = engine.copy_model(model) if (check and inplace) else model
-    target = model if inplace else engine.copy_model(model)
-    undo = engine.commit(target, p)
+    if inplace:
+        target, undo = model, engine.commit(model, p)
+    else:
+        target, undo = engine.copied_with(model, p), []
     if check and p.recipe.check != "none":
         inputs = example_inputs
         result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size)

@@ -149,8 +149,7 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
     if args.dry_run:
         _emit(args, report)
         return 0
-    model = engine.copy_model(loaded.model)
-    engine.commit(model, plan)
+    model = engine.copied_with(loaded.model, plan)
     status = 0
     if recipe.check != "none" and not args.no_check:
         result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size)

@@ -257,9 +257,19 @@ def rollback(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
         parent._modules[attr] = old
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
+    """A copy of ``model`` with the plan's changes in it; ``model`` is not touched.
+
+    The replaced modules are not copied at all: the deep copy is told to use the
+    prepared ones in their place, so a fold does not copy every conv weight twice.
+    """
+    memo: dict[int, Any] = {id(ch.old): ch.new for ch in plan_.changes}
+    return copy_model(model, memo)
+
+
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as e:
         raise NormswapError(
             f"cannot copy {type(model).__name__} to rewrite it: {type(e).__name__}: {e}",
