@@ -1,0 +1,29 @@
+"""The examples run (shortened); their figures are for reading, not asserting, except what they claim."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+
+def test_small_batch_writes_a_plot(tmp_path, capsys):
+    import small_batch
+
+    threads = torch.get_num_threads()
+    try:
+        assert small_batch.main(["--steps", "20", "--out", str(tmp_path / "curve.png")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "GroupNorm (bn_to_gn)" in out
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_style_transfer_instance_norm_ignores_batch_mates(capsys):
+    import style_transfer
+
+    assert style_transfer.main() == 0
+    out = capsys.readouterr().out
+    assert "InstanceNorm: the first image's output moves by 0 when" in out
+    assert "11 BatchNorm2d -> InstanceNorm2d" in out
