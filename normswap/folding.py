@@ -287,21 +287,20 @@ def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
     weight_name = "weight_orig" if is_pruned(module) else "weight"
     weight = getattr(module, weight_name)
     w, b = fold_output_channels(weight, module.bias, s, t, transposed=transposed, groups=groups)
-    dtype = weight.dtype
-    with torch.no_grad():
-        weight.copy_(w.to(dtype))
-        if module.bias is None:
-            module.bias = nn.Parameter(b.to(device=weight.device, dtype=dtype), requires_grad=weight.requires_grad)
-        else:
-            module.bias.copy_(b.to(module.bias.dtype))
-        if is_pruned(module):
+    _store(module, weight, w, b)
+    if is_pruned(module):
+        with torch.no_grad():
             module.weight = module.weight_orig * module.weight_mask
 
 
 def write_folded_into_input(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
     """Fold the per-input-channel affine (s, t) into ``module`` (a private copy) in place."""
     w, b = fold_input_channels(module.weight, module.bias, s, t, groups=int(getattr(module, "groups", 1)))
-    weight = module.weight
+    _store(module, module.weight, w, b)
+
+
+def _store(module: nn.Module, weight: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
+    """Write float64 results into ``weight`` and the module's bias (created if it had none), in their dtypes."""
     with torch.no_grad():
         weight.copy_(w.to(weight.dtype))
         if module.bias is None:

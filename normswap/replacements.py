@@ -71,7 +71,7 @@ def group_norm(ctx) -> Built:
         notes += carry.carry_activation(old, new)
     else:
         new = nn.GroupNorm(groups, channels, eps=eps, affine=affine, **fk)
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
+    carried = _carried_affine(ctx, new)
     notes += carry.finish(old, new)
     return Built(new, notes, carried)
 
@@ -131,6 +131,13 @@ def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
         want = " or ".join(f"{r}-d" for r in ranks)
         raise SkipLayer(f"{target} takes {want} input; this layer sees {shape}")
     return shape
+
+
+def _carried_affine(ctx, new: nn.Module) -> dict[str, str]:
+    """γ/β into ``new`` when the rule carries ``affine`` and the old layer has one."""
+    if "affine" in ctx.carry and getattr(ctx.module, "weight", None) is not None:
+        return carry.carry_affine(ctx.module, new)
+    return {}
 
 
 def _eps(ctx) -> float:
@@ -229,7 +236,7 @@ def layer_norm(ctx) -> Built:
         else:
             new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine)
         new.to(**fk)
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
+    carried = _carried_affine(ctx, new)
     notes += carry.finish(old, new)
     return Built(new, notes, carried)
 
@@ -328,7 +335,7 @@ def evonorm(ctx) -> Built:
         new = EvoNorm2dB0(channels, apply_act=apply_act, eps=float(old.eps), **fk)
     if apply_act:
         notes.append(f"EvoNorm's own nonlinearity replaces {type(activation_of(old)[1]).__name__}")
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and getattr(old, "weight", None) is not None else {}
+    carried = _carried_affine(ctx, new)
     notes += carry.finish(old, new)
     return Built(new, notes, carried)
 
@@ -364,7 +371,7 @@ def filter_response_norm(ctx) -> Built:
         new = FilterResponseNormAct2d(channels, apply_act=True, eps=opts["eps"], **fk)
         new.act = copy.deepcopy(act_mod)
         notes.append(f"kept act {type(act_mod).__name__}")
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and getattr(old, "weight", None) is not None else {}
+    carried = _carried_affine(ctx, new)
     notes += carry.finish(old, new)
     return Built(new, notes, carried)
 
