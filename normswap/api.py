@@ -49,7 +49,8 @@ def apply(
         target, undo = engine.copied_with(model, p), []
     if check and p.recipe.check != "none":
         inputs = example_inputs
-        result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size)
+        result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size,
+                                        fold_map=p.links)
         report.check = {"mode": result.mode, **result.to_json()}
         if not result.ok:
             if inplace:

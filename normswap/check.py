@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -21,6 +22,8 @@ from torch.utils import _pytree as pytree
 
 from .errors import NormswapError
 from .inputs import as_args, make_inputs, model_dtype_device
+from .layerwise import Layerwise, compare_layers
+from .metrics import cosine, distribution, looks_like_logits, max_errors, scale_of, top1_matches
 
 # Default relative tolerance by the models' native dtype (errors are measured in float64 where possible).
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -43,9 +46,17 @@ class CheckResult:
     noise_floor: float | None = None  # the reference's native-dtype forward vs its float64 forward
     rounding_floor: float | None = None  # effect of one rounding step on every reference tensor
     threshold: float | None = None  # what max_rel was judged against: max(rtol, 4 x rounding_floor)
+    abs_error: dict[str, float] = field(default_factory=dict)  # mean / median / p99 over every output element
+    rel_error: dict[str, float] = field(default_factory=dict)  # the same, relative to each output's max |ref|
+    cosine: float | None = None  # the lowest cosine similarity of any output, over the inputs
+    top1: tuple[int, int] | None = None  # (rows whose argmax agrees, rows) for classifier outputs
+    inputs: list[list[int]] = field(default_factory=list)  # shapes of the inputs compared
+    layers: list[dict] = field(default_factory=list)  # per-layer rows, in execution order, when recorded
+    notes: list[str] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
+        """One line: the verdict, the figures it rests on, and the first problems."""
         if self.mode == "none":
             return "not checked (check: none)"
         verdict = "passed" if self.ok else "FAILED"
@@ -57,20 +68,86 @@ class CheckResult:
             text += ")"
         else:
             text = f"{verdict}: outputs and gradients"
+        if self.first_divergence:
+            text += f"; first divergence at {_where(self.first_divergence)}"
         if self.problems:
             text += "; " + "; ".join(self.problems[:5])
             if len(self.problems) > 5:
                 text += f"; and {len(self.problems) - 5} more"
         return text
 
+    def lines(self) -> list[str]:
+        """The human-readable report (``normswap check`` prints it; a golden test fixes its format)."""
+        out = [f"check ({self.mode}): {'passed' if self.ok else 'FAILED'}"]
+        distinct = list(dict.fromkeys(tuple(s) for s in self.inputs))
+        shapes = f"{len(self.inputs)} x {distinct[0]}" if len(distinct) == 1 else ", ".join(map(str, distinct))
+        if self.mode == "numeric":
+            out.append(f"  inputs           {shapes}")
+            out.append(f"  compared in      {self.dtype}")
+            out.append(f"  max error        abs {self.max_abs:.3g}  rel {self.max_rel:.3g}")
+            if self.abs_error:
+                a, r = self.abs_error, self.rel_error
+                out.append(f"  abs error        mean {a['mean']:.3g}  median {a['median']:.3g}  p99 {a['p99']:.3g}")
+                out.append(f"  rel error        mean {r['mean']:.3g}  median {r['median']:.3g}  p99 {r['p99']:.3g}")
+            if self.cosine is not None:
+                out.append(f"  cosine           {self.cosine:.6f}")
+            if self.top1 is not None:
+                out.append(f"  top-1 agreement  {self.top1[0]} of {self.top1[1]}")
+            allowed = f"  allowed          rel {self.threshold:.3g} (rtol {self.rtol:.3g}"
+            if self.rounding_floor:
+                allowed += f"; {NOISE_MULTIPLE:g} x rounding floor {self.rounding_floor:.3g}"
+            if self.atol:
+                allowed += f"; atol {self.atol:.3g}"
+            out.append(allowed + ")")
+            if self.noise_floor:
+                out.append(f"  native noise     {self.noise_floor:.3g} (the reference's own forward vs float64)")
+        elif self.state_dict is not None:
+            sd = self.state_dict
+            out.append(f"  inputs           {shapes}")
+            out.append(f"  state dict       {sd['kept']} kept, {len(sd['dropped'])} dropped, {len(sd['new'])} new")
+            out.append(f"  parameters       {sd['params_before']:,} -> {sd['params_after']:,}")
+        if self.first_divergence:
+            d = self.first_divergence
+            out.append(f"  first divergence {_where(d)}")
+            if d.get("hint"):
+                out.append(f"                   {d['hint']}")
+        if self.layers:
+            out.append(f"  layers compared  {len(self.layers)}")
+        for p in self.problems:
+            out.append(f"  problem: {p}")
+        for n in self.notes:
+            out.append(f"  note: {n}")
+        return out
+
     def to_json(self) -> dict:
         return {
-            "ok": self.ok, "mode": self.mode, "max_abs": self.max_abs, "max_rel": self.max_rel,
-            "rtol": self.rtol, "atol": self.atol, "dtype": self.dtype, "leaves": self.leaves,
-            "problems": self.problems, "state_dict": self.state_dict,
-            "first_divergence": self.first_divergence, "noise_floor": self.noise_floor,
+            "ok": self.ok, "mode": self.mode, "max_abs": _finite(self.max_abs), "max_rel": _finite(self.max_rel),
+            "abs_error": self.abs_error, "rel_error": self.rel_error, "cosine": self.cosine,
+            "top1": list(self.top1) if self.top1 else None,
+            "rtol": self.rtol, "atol": self.atol, "dtype": self.dtype, "inputs": self.inputs, "leaves": self.leaves,
+            "problems": self.problems, "notes": self.notes, "state_dict": self.state_dict,
+            "first_divergence": self.first_divergence, "layers": self.layers, "noise_floor": self.noise_floor,
             "rounding_floor": self.rounding_floor, "threshold": self.threshold, "summary": self.summary,
         }
+
+
+def _finite(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _finite_or_none(x: float | None) -> float | str | None:
+    return None if x is None else _finite(x)
+
+
+def _where(d: dict) -> str:
+    call = f" call {d['call'] + 1} of {d['calls']}" if d.get("calls", 1) > 1 else ""
+    cls = d["reference"] if d.get("candidate") in (None, d["reference"]) else f"{d['reference']} -> {d['candidate']}"
+    if d["kind"] == "local":
+        rel = d["local_rel"]
+        figure = f"local rel error {rel:.3g}" if isinstance(rel, float) else "its output is non-finite or it fails"
+    else:
+        figure = f"propagated rel error {d['propagated_rel']:.3g}; no layer departs on its own input"
+    return f"{d['path'] or '(the model)'} ({cls}{call}): {figure}"
 
 
 @contextlib.contextmanager
@@ -89,6 +166,13 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 def _leaves(out: Any) -> tuple[list[torch.Tensor], Any]:
     leaves, spec = pytree.tree_flatten(out)
     return [x for x in leaves if isinstance(x, torch.Tensor)], spec
+
+
+def _leaf_names(out: Any) -> list[str]:
+    """``output``, or ``output['logits']`` / ``output[1][0]`` for each tensor of a nested output."""
+    pairs, _ = pytree.tree_flatten_with_path(out)
+    names = [f"output{pytree.keystr(path)}" for path, x in pairs if isinstance(x, torch.Tensor)]
+    return names
 
 
 def _input_list(reference: nn.Module, inputs: Any, input_size, n_inputs: int, seed: int, batch: int) -> list[tuple]:
@@ -117,6 +201,8 @@ def check(
     dtype: torch.dtype | None = None,
     n_inputs: int = 2,
     seed: int = 0,
+    layers: bool | None = None,
+    fold_map: dict[str, dict] | None = None,
 ) -> CheckResult:
     """Compare ``candidate`` with ``reference`` on the same inputs (see the module docstring).
 
@@ -124,6 +210,9 @@ def check(
     ``n_inputs`` seeded normal inputs shaped from ``input_size`` or the model.
     ``dtype=torch.float64`` compares float64 copies, which separates a real
     difference from float32 rounding noise on deep models.
+    ``layers``: record every layer and find the first divergence (``layerwise``);
+    ``None`` does it only when the outputs disagree, to say where.
+    ``fold_map``: the rewrite's own map of folded layers (``Plan.links``); inferred when not given.
     """
     if mode not in MODES:
         raise NormswapError(f"unknown check mode {mode!r}", fix=f"use one of {', '.join(MODES)}", code="input_invalid")
@@ -134,7 +223,7 @@ def check(
         return CheckResult(ok=True, mode="none")
     if mode == "interface":
         return _interface(reference, candidate, inputs, input_size, seed)
-    return _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed)
+    return _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map)
 
 
 # Unit roundoff by dtype: the relative size of one rounding step.
@@ -167,7 +256,7 @@ def _changed_tensors(reference: nn.Module, candidate: nn.Module) -> set[str]:
             if n not in cand or cand[n].shape != t.shape or cand[n].dtype != t.dtype or not torch.equal(cand[n], t)}
 
 
-def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed) -> CheckResult:
+def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map) -> CheckResult:
     """Compare in float64 where both models allow it, against a tolerance that knows the rounding noise.
 
     The candidate's error is measured against the reference, both cast to float64
@@ -189,46 +278,137 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
     batches = _input_list(reference, inputs, input_size, n_inputs, seed, batch=2)
     tol = rtol if rtol is not None else DEFAULT_RTOL.get(native, 1e-4)
     result = CheckResult(ok=True, mode="numeric", atol=atol or 0.0, rtol=tol,
-                         dtype=str(compare_dtype or native).replace("torch.", ""))
+                         dtype=str(compare_dtype or native).replace("torch.", ""),
+                         inputs=[_shape_of(args) for args in batches])
+    if compare_dtype is None and native != torch.float64:
+        result.notes.append("the models could not be cast to float64: compared in their own dtype, "
+                            "where deep networks carry more rounding noise")
     noisy = None
     if compare_dtype == torch.float64 and native != torch.float64:
         noisy = _perturbed(ref, _changed_tensors(reference, candidate), UNIT_ROUNDOFF.get(native, 2.0**-24), seed)
     floor, native_noise = 0.0, 0.0
+    stats = _Stats()
+    structure_ok = True
+    lw: Layerwise | None = None
     with torch.no_grad(), eval_mode(reference, candidate, ref, cand, *( [noisy] if noisy is not None else [])):
         for b_i, args in enumerate(batches):
             cargs = _cast(args, compare_dtype)
-            ref_leaves, ref_spec = _leaves(ref(*cargs))
-            cand_leaves, cand_spec = _leaves(cand(*cargs))
+            if b_i == 0 and layers:  # the recorded run is also the first comparison
+                lw = _layerwise(result, ref, cand, cargs, fold_map)
+            if lw is not None and b_i == 0:
+                ref_out, cand_out = lw.reference_output, lw.candidate_output
+            else:
+                ref_out, cand_out = ref(*cargs), cand(*cargs)
+            ref_leaves, ref_spec = _leaves(ref_out)
+            cand_leaves, cand_spec = _leaves(cand_out)
             if ref_spec != cand_spec or len(ref_leaves) != len(cand_leaves):
                 result.problems.append(f"output structure differs: {ref_spec} vs {cand_spec}")
+                structure_ok = False
                 break
             if noisy is not None:
                 for r, n in zip(ref_leaves, _leaves(noisy(*cargs))[0]):
                     floor = max(floor, _rel(r, n))
                 for r, n in zip(ref_leaves, _leaves(reference(*args))[0]):
                     native_noise = max(native_noise, _rel(r, n))
-            for i, (r, c) in enumerate(zip(ref_leaves, cand_leaves)):
-                _compare_leaf(result, f"output[{i}]" if len(ref_leaves) > 1 else "output", b_i, r, c)
-    result.noise_floor = native_noise
-    result.rounding_floor = floor
-    result.threshold = max(tol, NOISE_MULTIPLE * floor)
-    for leaf in result.leaves:
-        if leaf["max_abs"] > result.atol + result.threshold * leaf["scale"]:
-            result.problems.append(
-                f"{leaf['name']}: max rel error {leaf['max_rel']:.3g} above {result.threshold:.3g} (input {leaf['input']})")
-    result.ok = not result.problems
+            for i, (name, r, c) in enumerate(zip(_leaf_names(ref_out), ref_leaves, cand_leaves)):
+                _compare_leaf(result, stats, name, b_i, r, c, first=i == 0)
+        result.noise_floor = native_noise
+        result.rounding_floor = floor
+        result.threshold = max(tol, NOISE_MULTIPLE * floor)
+        for leaf in result.leaves:
+            if leaf["max_abs"] > result.atol + result.threshold * leaf["scale"]:
+                result.problems.append(
+                    f"{leaf['name']}: max rel error {leaf['max_rel']:.3g} above {result.threshold:.3g} "
+                    f"(input {leaf['input']})")
+        stats.finish(result)
+        result.ok = not result.problems
+        if lw is None and structure_ok and layers is None and not result.ok:
+            lw = _layerwise(result, ref, cand, _cast(batches[0], compare_dtype), fold_map)
+        if lw is not None:
+            _locate(result, lw)
     return result
+
+
+def _layerwise(result: CheckResult, ref: nn.Module, cand: nn.Module, args: tuple, fold_map) -> Layerwise | None:
+    try:
+        return compare_layers(ref, cand, args, fold_map)
+    except Exception as e:  # noqa: BLE001 - the verdict stands without the per-layer view
+        result.notes.append(f"per-layer comparison unavailable: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return None
+
+
+def _locate(result: CheckResult, lw: Layerwise) -> None:
+    """Per-layer rows and the first divergence (see layerwise.py), on the first input."""
+    result.layers = [r.to_json() for r in lw.rows]
+    result.notes.extend(lw.notes)
+    kind, row = "local", lw.first_local(result.rtol, result.atol)
+    if row is None and not result.ok:
+        kind, row = "propagated", lw.first_propagated(result.threshold)
+    if row is None:
+        if not result.ok:
+            result.notes.append("no layer departs from the reference on its own input, and no layer output does: "
+                                "the difference enters outside the layers (in the forward code between them)")
+        return
+    calls = sum(1 for r in lw.rows if r.path == row.path)
+    hint = None
+    if row.compared is None and row.candidate not in (None, row.reference):
+        hint = (f"{row.reference} was replaced by {row.candidate}, which computes another function: "
+                "check such rewrites with mode='interface' (CLI: --mode interface)")
+    elif row.note:
+        hint = row.note
+    elif row.compared:
+        hint = row.compared
+    result.first_divergence = {
+        "kind": kind, "path": row.path, "call": row.call, "calls": calls, "order": row.order,
+        "reference": row.reference, "candidate": row.candidate, "local_abs": _finite_or_none(row.local_abs),
+        "local_rel": _finite_or_none(row.local_rel), "propagated_rel": _finite_or_none(row.propagated_rel),
+        "allowed": result.rtol if kind == "local" else result.threshold, "hint": hint,
+    }
+    if kind == "local" and result.ok:
+        result.notes.append(f"{row.path} departs on its own input, but the outputs agree within tolerance")
+
+
+def _shape_of(args: tuple) -> list[int]:
+    first = next((x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), None)
+    return list(first.shape) if first is not None else []
+
+
+class _Stats:
+    """Element-wise error distributions, cosine and top-1 agreement, pooled over outputs and inputs."""
+
+    def __init__(self) -> None:
+        self.abs: list[torch.Tensor] = []
+        self.rel: list[torch.Tensor] = []
+        self.cosine: float | None = None
+        self.top1 = [0, 0]
+
+    def add(self, r: torch.Tensor, c: torch.Tensor, diff: torch.Tensor, scale: float, first: bool) -> None:
+        """``first``: the first tensor of this input's output, the one top-1 agreement is read from."""
+        self.abs.append(diff.flatten())
+        self.rel.append(diff.flatten() / scale if scale > 0 else diff.flatten())
+        cos = cosine(r, c)
+        self.cosine = cos if self.cosine is None else min(self.cosine, cos)
+        if first and looks_like_logits(r):
+            hit, n = top1_matches(r, c)
+            self.top1[0] += hit
+            self.top1[1] += n
+
+    def finish(self, result: CheckResult) -> None:
+        if self.abs:
+            result.abs_error = distribution(torch.cat(self.abs))
+            result.rel_error = distribution(torch.cat(self.rel))
+        result.cosine = self.cosine
+        result.top1 = tuple(self.top1) if self.top1[1] else None
 
 
 def _rel(r: torch.Tensor, c: torch.Tensor) -> float:
     if not r.is_floating_point() or r.shape != c.shape or not r.numel():
         return 0.0
-    scale = r.double().abs().max().item()
-    diff = (r.double() - c.double()).abs().max().item()
-    return diff / scale if scale > 0 else diff
+    return max_errors(r, c)[1]
 
 
-def _compare_leaf(result: CheckResult, name: str, batch: int, r: torch.Tensor, c: torch.Tensor) -> None:
+def _compare_leaf(result: CheckResult, stats: _Stats, name: str, batch: int, r: torch.Tensor, c: torch.Tensor,
+                  first: bool) -> None:
     if r.shape != c.shape or r.dtype != c.dtype:
         result.problems.append(f"{name}: reference {tuple(r.shape)} {r.dtype}, candidate {tuple(c.shape)} {c.dtype}")
         return
@@ -242,20 +422,22 @@ def _compare_leaf(result: CheckResult, name: str, batch: int, r: torch.Tensor, c
     bad = (~torch.isfinite(c)).sum().item()
     if bad:
         result.problems.append(f"{name}: the candidate output has {bad} NaN/Inf value(s) (input {batch})")
+        result.max_abs = result.max_rel = math.inf
         return
     diff = (r.double() - c.double()).abs()
     max_abs = diff.max().item() if diff.numel() else 0.0
-    scale = r.double().abs().max().item() if r.numel() else 0.0
+    scale = scale_of(r)
     max_rel = max_abs / scale if scale > 0 else max_abs
     result.max_abs = max(result.max_abs, max_abs)
     result.max_rel = max(result.max_rel, max_rel)
+    stats.add(r, c, diff, scale, first)
     result.leaves.append({"name": name, "input": batch, "shape": list(r.shape), "max_abs": max_abs,
                           "max_rel": max_rel, "scale": scale})
 
 
 def _interface(reference, candidate, inputs, input_size, seed) -> CheckResult:
-    result = CheckResult(ok=True, mode="interface")
     args = _input_list(reference, inputs, input_size, 1, seed, batch=2)[0]
+    result = CheckResult(ok=True, mode="interface", inputs=[_shape_of(args)])
     with torch.no_grad(), eval_mode(reference, candidate):
         ref_leaves, ref_spec = _leaves(reference(*args))
         cand_leaves, cand_spec = _leaves(candidate(*args))

@@ -17,7 +17,7 @@ from .check import check as run_check
 from .errors import InputSpecError, NormswapError
 from .export import format_for
 from .inputs import parse_input_size
-from .io import Loaded, load_model, resolve_output, save_model
+from .io import Loaded, load_inputs, load_model, resolve_output, save_model
 from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
 
@@ -71,16 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("check", help="compare two models on the same inputs")
-    p.add_argument("reference", metavar="REFERENCE")
-    p.add_argument("candidate", metavar="CANDIDATE")
+    p = sub.add_parser("check", help="compare two models on the same inputs; name the first layer where they part",
+                       description="Exit 0: equivalent; 1: not; 2: bad input.")
+    p.add_argument("reference", metavar="REFERENCE", help="the original model (spec or file)")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the rewritten model (spec or file)")
     p.add_argument("--arch", help="architecture spec for state-dict files")
-    p.add_argument("--trust-pickle", action="store_true")
-    p.add_argument("--input-size")
-    p.add_argument("--mode", choices=("numeric", "interface"), default="numeric")
-    p.add_argument("--rtol", type=float)
-    p.add_argument("--atol", type=float)
+    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole modules (runs code from the files)")
+    p.add_argument("--input-size", help="example input shape, e.g. 2,3,224,224 (default: the model's pretrained_cfg)")
+    p.add_argument("--inputs", metavar="FILE", help="tensor file of inputs: a tensor, a tuple of arguments, or a list")
+    p.add_argument("--n-inputs", type=int, default=2, help="how many seeded random inputs (default 2)")
+    p.add_argument("--mode", choices=("numeric", "interface"), default="numeric",
+                   help="numeric: same outputs; interface: same structure, finite, trainable (for BN -> GN)")
+    p.add_argument("--rtol", type=float, help="relative tolerance (default by dtype: float32 1e-5, float16 1e-2)")
+    p.add_argument("--atol", type=float, help="absolute tolerance (default 0)")
     p.add_argument("--float64", action="store_true", help="compare float64 copies of both models")
+    p.add_argument("--layers", action="store_true", help="record every layer even when the outputs agree")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the per-layer error along the network (needs matplotlib)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("recipes", help="list the built-in recipes")
@@ -152,7 +158,7 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
     model = engine.copied_with(loaded.model, plan)
     status = 0
     if recipe.check != "none" and not args.no_check:
-        result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size)
+        result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size, fold_map=plan.links)
         report.check = {"mode": result.mode, **result.to_json()}
         if not result.ok:
             status = 1
@@ -194,19 +200,41 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_check(args) -> int:
+    if args.n_inputs < 1:
+        raise NormswapError(f"--n-inputs {args.n_inputs} must be at least 1", fix="use --n-inputs 2", code="input_invalid")
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise NormswapError(f"--{name} {value} must be a non-negative number", fix=f"e.g. --{name} 1e-5",
+                                code="input_invalid")
+    if args.plot and args.mode != "numeric":
+        raise NormswapError("--plot draws the per-layer errors of a numeric check", fix="drop --mode interface",
+                            code="input_invalid")
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise NormswapError(f"cannot write the plot {args.plot}: {Path(args.plot).parent} is not a directory",
+                            fix="give a path in an existing directory", code="output_invalid")
+    inputs = load_inputs(args.inputs) if args.inputs else None
     ref = load_model(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
     cand = load_model(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
     import torch
 
+    input_size = parse_input_size(args.input_size) if args.input_size else None
+    if input_size is None and inputs is None and ref.input_size:
+        input_size = tuple(ref.input_size)
     result = run_check(
-        ref.model, cand.model, mode=args.mode, rtol=args.rtol, atol=args.atol,
-        input_size=parse_input_size(args.input_size) if args.input_size else None,
-        dtype=torch.float64 if args.float64 else None,
+        ref.model, cand.model, inputs, mode=args.mode, rtol=args.rtol, atol=args.atol, input_size=input_size,
+        dtype=torch.float64 if args.float64 else None, n_inputs=args.n_inputs,
+        layers=True if (args.layers or args.plot) else None,
     )
+    if args.plot:
+        from .plot import plot_layers
+
+        plot_layers(result, args.plot)
+        result.notes.append(f"wrote {args.plot}")
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
-        _console().print(f"check ({result.mode}): {result.summary}")
+        print("\n".join(result.lines()))
     return 0 if result.ok else 1
 
 

@@ -96,6 +96,7 @@ class Plan:
     skipped: list[Skip]
     rule_matches: list[tuple[Rule, int]]
     notes: list[str] = field(default_factory=list)
+    links: dict[str, dict] = field(default_factory=dict)  # the rewrite's map for per-layer checks (folds)
 
     def param_map(self, model: nn.Module) -> dict[str, str | None]:
         """Old parameter name -> new name (None where the parameter is gone), for the whole model."""
@@ -160,6 +161,7 @@ def plan(
     paths_of = {id(m): p for m, p in module_paths(model)}
     counts = [0] * len(recipe.rules)
     replaced: list[str] = []
+    links: dict[str, dict] = {}
     errors: list[PlanError] = []
     for module, paths in module_paths(model):
         if (_under(paths[0], replaced) and paths[0] not in replaced) or paths[0] in prepared:
@@ -199,6 +201,7 @@ def plan(
             continue
         prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
         replaced.extend(paths)
+        links.update(built.links)
         for path, new, notes in built.also:
             if path in prepared:
                 prepared[path].new = new
@@ -220,7 +223,8 @@ def plan(
         if len(errors) == 1:
             raise errors[0]
         raise PlanError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
-    return Plan(recipe, type(model).__name__, list(prepared.values()), skipped, list(zip(recipe.rules, counts)))
+    return Plan(recipe, type(model).__name__, list(prepared.values()), skipped, list(zip(recipe.rules, counts)),
+                links=links)
 
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -359,4 +358,16 @@ def fold(ctx) -> Built:
     new, notes = activation_or_identity(bn)
     via = f" through {', '.join(site.through)}" if site.through else ""
     where = "the next layer, " if site.into_next else ""
-    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also)
+    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also, links=site_links(site, ctx))
+
+
+def site_links(site: FoldSite, ctx) -> dict[str, dict]:
+    """The fold as a map for per-layer checks: which candidate layer lines up with which BN affine."""
+    if site.into_next:
+        return {site.bn_path: {"kind": "before", "bn": site.bn_path},
+                site.targets[0][0]: {"kind": "next", "bn": site.bn_path}}
+    links = {site.bn_path: {"kind": "folded", "bn": site.bn_path}}
+    for path, channels in site.targets:
+        axis = -1 if isinstance(ctx.model.get_submodule(path), nn.Linear) else 1
+        links[path] = {"kind": "into", "bn": site.bn_path, "channels": [channels.start, channels.stop], "axis": axis}
+    return links

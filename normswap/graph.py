@@ -51,7 +51,10 @@ def func_name(func: Any) -> str:
         owner = getattr(func, "__self__", None)
         return f"Tensor.{getattr(owner, '__name__', '?')}"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-    return name.replace("TensorBase.", "Tensor.").replace("_TensorBase.", "Tensor.")
+    if getattr(func, "__module__", None) == "torch.nn.functional":
+        return f"F.{name}"
+    return (name.replace("_VariableFunctionsClass.", "torch.")
+            .replace("TensorBase.", "Tensor.").replace("_TensorBase.", "Tensor."))
 
 
 def _short(name: str) -> str:

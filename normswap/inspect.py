@@ -9,7 +9,7 @@ import torch.nn as nn
 from .families import channels_of, family_of, is_norm_layer, near_family_of
 from .folding import fold_site, next_layer_site
 from .graph import DataFlow, describe, record, users_of
-from .inputs import infer_input_size, make_inputs
+from .inputs import make_inputs
 
 
 @dataclass
@@ -37,13 +37,13 @@ class InspectTable:
         from rich.table import Table
 
         table = Table(show_edge=False, header_style="bold")
-        for col in ("layer", "class", "C", "mode", "calls", "input from", "that output also feeds", "foldable"):
+        for col in ("layer", "class", "C", "mode", "affine", "stats", "calls", "input from", "foldable"):
             table.add_column(col, overflow="fold")
         for r in self.rows:
             path = r["path"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
-            others = [u for u in r["producer_users"] if u != r["path"]]
-            table.add_row(path, r["class"], str(r["channels"]), r["mode"], str(r["calls"]), r["producer"] or "-",
-                          ", ".join(others) or "-", _fold_cell(r))
+            stats = "running" if r["running_stats"] else "computed"  # kept from training, or from each input
+            table.add_row(path, r["class"], str(r["channels"]), r["mode"], "yes" if r["affine"] else "no", stats,
+                          str(r["calls"]), r["producer"] or "-", _fold_cell(r))
         console.print(table)
         counts = ", ".join(f"{n} {fam}" for fam, n in self.summary().items()) or "none"
         console.print(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .errors import ModelLoadError, OutputError, UnsafePickleError
+from .errors import InputSpecError, ModelLoadError, OutputError, UnsafePickleError
 from .export import FORMATS as EXPORT_SUFFIX
 
 SIDECAR_SUFFIX = ".json"
@@ -132,6 +132,31 @@ def _check_readable(path: Path) -> None:
         raise ModelLoadError(f"{path} is a directory, not a model file", fix="name the checkpoint file inside it")
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"cannot read {path}: permission denied", fix="check the file's permissions")
+
+
+def load_inputs(path: str | os.PathLike) -> list[tuple]:
+    """Example inputs from a tensor file: a tensor (one input), a tuple (the arguments of one call),
+    or a list of those (several inputs). Read with ``weights_only=True``: tensors, never code."""
+    path = Path(path)
+    fix = "save it with torch.save(x, path): a tensor, a tuple of call arguments, or a list of those"
+    if not path.exists() or path.is_dir() or not os.access(path, os.R_OK):
+        why = "does not exist" if not path.exists() else "is a directory" if path.is_dir() else "is not readable"
+        raise InputSpecError(f"input file {path} {why}", fix=fix)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InputSpecError(f"cannot read input file {path}: {_first_line(e)}", fix=fix) from None
+    items = obj if isinstance(obj, list) else [obj]
+    out = []
+    for i, item in enumerate(items):
+        args = item if isinstance(item, tuple) else (item,)
+        if not args or not any(isinstance(a, torch.Tensor) for a in args):
+            where = f"item {i} of " if isinstance(obj, list) else ""
+            raise InputSpecError(f"{where}input file {path} holds a {type(item).__name__}, not tensors", fix=fix)
+        out.append(args)
+    if not out:
+        raise InputSpecError(f"input file {path} holds an empty list", fix=fix)
+    return out
 
 
 def read_object(path: Path, *, trust_pickle: bool) -> Any:
@@ -385,7 +410,8 @@ def resolve_output(out: str | os.PathLike, loaded: Loaded, *, export: str | None
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
+def atomic_write(path: Path, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` on a synced temp file next to ``path``; the caller renames it into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -433,9 +459,9 @@ def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], 
         "steps": list(loaded.steps) + list(steps),
         "report": report,
     }
-    tmp_model = _atomic_write(path, write)
+    tmp_model = atomic_write(path, write)
     try:
-        tmp_side = _atomic_write(sidecar_path(path), lambda t: Path(t).write_text(json.dumps(sidecar, indent=2, default=str)))
+        tmp_side = atomic_write(sidecar_path(path), lambda t: Path(t).write_text(json.dumps(sidecar, indent=2, default=str)))
     except BaseException:
         os.unlink(tmp_model)
         raise

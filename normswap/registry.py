@@ -70,6 +70,7 @@ class Built:
     notes: list[str] = field(default_factory=list)
     carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
     also: list[tuple[str, nn.Module, list[str]]] = field(default_factory=list)  # other layers replaced: (path, new, notes)
+    links: dict[str, dict] = field(default_factory=dict)  # path -> how it lines up with the original (layerwise.py)
 
 
 class SkipLayer(Exception):

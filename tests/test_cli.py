@@ -113,6 +113,50 @@ def test_check_command(tmp_path, capsys):
     assert main(["check", str(pa), str(pb), *args]) == 1
     res = json.loads(capsys.readouterr().out)
     assert res["ok"] is False and res["max_rel"] > 1e-3
+    assert res["first_divergence"]["path"] == "bn2" and res["first_divergence"]["kind"] == "local"
+    assert [r["path"] for r in res["layers"]][:2] == ["conv1", "bn1"]
+    assert set(res) >= {"abs_error", "rel_error", "cosine", "top1", "threshold", "noise_floor", "inputs"}
+
+
+def test_check_plot_inputs_file_and_layers(tmp_path, capsys):
+    torch.manual_seed(0)
+    a = randomize_bn(ConvBN(), (2, 3, 16, 16))
+    pa, pb = tmp_path / "a.pth", tmp_path / "b.pth"
+    torch.save(a.state_dict(), pa)
+    a.bn2.running_var *= 2
+    torch.save(a.state_dict(), pb)
+    inputs = tmp_path / "x.pt"
+    torch.save([torch.randn(3, 3, 16, 16), torch.randn(1, 3, 16, 16)], inputs)
+    png = tmp_path / "layers.png"
+    code = main(["check", str(pa), str(pb), "--arch", "conftest:ConvBN", "--inputs", str(inputs), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert code == 1 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "inputs           (3, 3, 16, 16), (1, 3, 16, 16)" in out
+    assert "first divergence bn2 (BatchNorm2d)" in out and f"note: wrote {png}" in out
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+    assert main(["check", str(pa), str(pa), "--arch", "conftest:ConvBN", "--input-size", "2,3,16,16",
+                 "--layers", "--n-inputs", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["inputs"]) == 3 and len(res["layers"]) == 8 and res["first_divergence"] is None
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--inputs", "{d}/missing.pt"], "input file {d}/missing.pt does not exist"),
+    (["--inputs", "{d}/text.pt"], "holds a str, not tensors"),
+    (["--n-inputs", "0"], "--n-inputs 0 must be at least 1"),
+    (["--rtol", "-1"], "--rtol -1.0 must be a non-negative number"),
+    (["--plot", "{d}/no/such/dir/p.png"], "is not a directory"),
+    (["--plot", "{d}/p.png", "--mode", "interface"], "--plot draws the per-layer errors"),
+])
+def test_check_bad_arguments_exit_2(tmp_path, capsys, argv, needle):
+    pa = tmp_path / "a.pth"
+    torch.save(ConvBN().state_dict(), pa)
+    torch.save("not a tensor", tmp_path / "text.pt")
+    argv = [a.format(d=tmp_path) for a in argv]
+    assert main(["check", str(pa), str(pa), "--arch", "conftest:ConvBN", "--input-size", "2,3,16,16", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle.format(d=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "p.png").exists()
 
 
 # ------------------------------------------------------------------ bad input
