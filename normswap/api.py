@@ -12,7 +12,7 @@ from .io import load
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import Report
 
-__all__ = ["apply", "plan", "fold", "check", "load", "list_recipes"]
+__all__ = ["apply", "plan", "fold", "bake", "migrate", "check", "load", "list_recipes"]
 
 
 def plan(model: nn.Module, recipe: Recipe | Mapping | str, **kwargs: Any) -> Report:
@@ -90,3 +90,31 @@ def fold(
     """
     return apply(model, "fold_bn", inplace=inplace, return_report=return_report, check=check,
                  example_inputs=example_inputs, input_size=input_size, **params)
+
+
+def bake(model: nn.Module, *, inplace: bool = False, return_report: bool = False, check: bool = True,
+         example_inputs: Any = None, input_size: tuple[int, ...] | None = None):
+    """Replace every spectral/weight-norm parametrization by its eval-mode value: ``apply(model, "bake")``.
+
+    The result pickles, exports and folds; its eval-mode output is the original's.
+    """
+    return apply(model, "bake", inplace=inplace, return_report=return_report, check=check,
+                 example_inputs=example_inputs, input_size=input_size)
+
+
+def migrate(state_dict: Mapping[str, Any], to: str | None = None) -> dict:
+    """A state dict with its spectral/weight-norm keys renamed between torch's formats.
+
+    ``to``: "parametrized" (torch.nn.utils.parametrizations) or "legacy" (the old
+    ``weight_orig``/``weight_u``/``weight_v`` and ``weight_g``/``weight_v`` hooks); by
+    default the other one from what ``state_dict`` holds. See the table in ``normswap/norm_keys.py``.
+    """
+    from .errors import InputSpecError
+    from .norm_keys import convert, detect
+
+    found = detect(state_dict)
+    if found is None:
+        raise InputSpecError("the state dict has no spectral-norm or weight-norm keys to rename",
+                             fix="pass the state dict of a spectral- or weight-normalized model")
+    converted, _ = convert(state_dict, to or ("parametrized" if found == "legacy" else "legacy"))
+    return dict(converted)

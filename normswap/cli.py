@@ -66,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("bake", help="replace spectral/weight-norm parametrizations by plain weights, for deployment")
+    _model_args(p)
+    p.add_argument("-o", "--output", help="output file (.safetensors or .pt: a baked model pickles)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be baked; change and write nothing")
+    p.add_argument("--input-size", help="example input shape for the check, e.g. 1,3,224,224")
+    p.add_argument("--no-check", action="store_true", help="skip the numeric check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("migrate", help="rename spectral/weight-norm state-dict keys between torch's old hooks "
+                                      "and its parametrizations")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a state dict or training checkpoint (.pt/.pth/.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="output state dict (.pt or .safetensors)")
+    p.add_argument("--to", choices=("parametrized", "legacy"),
+                   help="target format (default: the other one from what the file holds)")
+    p.add_argument("--json", action="store_true", help="print what was renamed as JSON")
+
     p = sub.add_parser("inspect", help="list the normalization layers with their producers and users")
     _model_args(p)
     p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224")
@@ -187,6 +203,42 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
     return status
 
 
+def cmd_bake(args) -> int:
+    recipe = load_recipe("bake")
+    return _rewrite(args, recipe, _load(args) if args.dry_run or args.output else None)
+
+
+def cmd_migrate(args) -> int:
+    from .norm_keys import convert, detect
+    from .io import read_object, save_state_dict, unwrap_checkpoint
+
+    src = Path(args.checkpoint)
+    out = Path(args.output)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise NormswapError(f"-o {out} would overwrite the input", fix="write to another file", code="output_invalid")
+    sd, notes = unwrap_checkpoint(read_object(src, trust_pickle=False))
+    found = detect(sd)
+    if found is None:
+        raise NormswapError(f"{src} has no spectral-norm or weight-norm keys to migrate "
+                            "(weight_orig/_u/_v, weight_g/_v, or parametrizations.*)",
+                            fix="check that the checkpoint comes from a spectral- or weight-normalized model",
+                            code="input_invalid")
+    to = args.to or ("parametrized" if found == "legacy" else "legacy")
+    if to == found:
+        raise NormswapError(f"{src} is already in the {to} format", fix=f"use --to {'legacy' if to == 'parametrized' else 'parametrized'}",
+                            code="input_invalid")
+    converted, renamed = convert(sd, to)
+    save_state_dict(converted, out)
+    result = {"input": str(src), "output": str(out), "from": found, "to": to, "renamed": renamed, "notes": notes}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for note in notes:
+            print(f"note: {note}")
+        print(f"{src} ({found}) -> {out} ({to}): " + "; ".join(renamed))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import inspect_model
 
@@ -266,7 +318,8 @@ def _emit(args, report: Report) -> None:
         report.render(_console())
 
 
-COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "inspect": cmd_inspect, "check": cmd_check, "recipes": cmd_recipes}
+COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "bake": cmd_bake, "migrate": cmd_migrate, "inspect": cmd_inspect,
+            "check": cmd_check, "recipes": cmd_recipes}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -162,6 +162,7 @@ def plan(
     counts = [0] * len(recipe.rules)
     replaced: list[str] = []
     links: dict[str, dict] = {}
+    plan_notes: list[str] = []
     errors: list[PlanError] = []
     for module, paths in module_paths(model):
         if (_under(paths[0], replaced) and paths[0] not in replaced) or paths[0] in prepared:
@@ -187,7 +188,8 @@ def plan(
         try:
             built: Built = repl.build(ctx)
         except SkipLayer as s:
-            skipped.append(Skip(paths[0], type(module).__name__, s.reason, rule.label()))
+            if not s.quiet:
+                skipped.append(Skip(paths[0], type(module).__name__, s.reason, rule.label()))
             continue
         except NormswapError as e:
             errors.append(e if isinstance(e, PlanError) else PlanError(str(e)))
@@ -202,6 +204,7 @@ def plan(
         prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
         replaced.extend(paths)
         links.update(built.links)
+        plan_notes.extend(n for n in built.plan_notes if n not in plan_notes)
         for path, new, notes in built.also:
             if path in prepared:
                 prepared[path].new = new
@@ -224,7 +227,7 @@ def plan(
             raise errors[0]
         raise PlanError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
     return Plan(recipe, type(model).__name__, list(prepared.values()), skipped, list(zip(recipe.rules, counts)),
-                links=links)
+                notes=plan_notes, links=links)
 
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:

@@ -54,9 +54,17 @@ _FAMILY_BASES = {
 }
 
 
-def family_of(module: nn.Module) -> str | None:
-    """The family whose exact classes include ``type(module)``, or None."""
+def built_class(module: nn.Module) -> type:
+    """The class a module was built as: torch's parametrize swaps in a generated ``Parametrized<Class>``."""
     cls = type(module)
+    if "parametrizations" in module._modules and cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}":
+        return cls.__bases__[0]
+    return cls
+
+
+def family_of(module: nn.Module) -> str | None:
+    """The family whose exact classes include the module's class (looking through parametrization), or None."""
+    cls = built_class(module)
     for name, classes in family_classes().items():
         if cls in classes:
             return name

@@ -17,6 +17,7 @@ from .fold_math import bn_affine, fold_input_channels, fold_output_channels
 from .graph import DataFlow, _short, describe, users_of
 from .registry import Built, Option, SkipLayer, register
 from .replacements import activation_or_identity
+from .weight_norms import bake
 
 # Operations that move elements around without changing them; a BN can be folded through them
 # when its channels still line up with the producer's output channels (checked by replaying them).
@@ -258,25 +259,6 @@ def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_
 
 
 # ------------------------------------------------------------------ module plumbing
-
-
-def bake(module: nn.Module) -> nn.Module:
-    """Replace every parametrization of ``module`` by its current value (eval mode, so no power iteration).
-
-    A deep copy of a parametrized module shares torch's injected class with the
-    original, and removing a parametrization deletes its property from that
-    class; the module gets a class of its own first so the original keeps working.
-    """
-    cls = type(module)
-    if parametrize.is_parametrized(module):
-        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    was = module.training
-    module.eval()
-    with torch.no_grad():
-        for name in list(getattr(module, "parametrizations", {}).keys()):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    module.train(was)
-    return module
 
 
 def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:

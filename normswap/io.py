@@ -243,8 +243,20 @@ def unwrap_checkpoint(obj: Any, *, ema: bool = False) -> tuple[dict[str, torch.T
     return sd, notes
 
 
-def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, arch: str) -> None:
-    """Strict load with an error that says what did not fit."""
+def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what: str, arch: str) -> list[str]:
+    """Strict load with an error that says what did not fit; returns notes on what was adapted.
+
+    Spectral/weight-norm keys in torch's other format (old hooks vs parametrizations)
+    are renamed to the model's (``norm_keys.py``).
+    """
+    from .norm_keys import convert, detect
+
+    notes = []
+    have, want = detect(sd), detect(model.state_dict())
+    if have is not None and want is not None and have != want:
+        sd, renamed = convert(sd, want)
+        notes.append(f"renamed the {have} spectral/weight-norm keys of {what} to the model's {want} format: "
+                     + "; ".join(renamed))
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
@@ -263,6 +275,7 @@ def load_state_dict_into(model: nn.Module, sd: Mapping[str, torch.Tensor], what:
             f"{what} does not fit {arch}: " + "; ".join(parts),
             fix="is --arch the architecture this state dict was saved from?",
         )
+    return notes
 
 
 def load_model(
@@ -282,7 +295,7 @@ def load_model(
             wpath = Path(weights)
             _check_readable(wpath)
             sd, notes = unwrap_checkpoint(read_object(wpath, trust_pickle=False), ema=ema)
-            load_state_dict_into(model, sd, f"weights {wpath}", text)
+            notes += load_state_dict_into(model, sd, f"weights {wpath}", text)
             loaded.notes = [f"built {text} and loaded weights from {wpath}"] + notes
         return loaded
     path = Path(text)
@@ -304,7 +317,7 @@ def load_model(
             fix="say which model it belongs to with --arch SPEC (e.g. --arch timm:resnet50)",
         )
     model = build_spec(arch)
-    load_state_dict_into(model, sd, f"the state dict in {path}", arch)
+    notes += load_state_dict_into(model, sd, f"the state dict in {path}", arch)
     return Loaded(model, "state_dict", arch, path, [f"loaded the state dict in {path} into {arch}"] + notes)
 
 
@@ -427,6 +440,21 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> str:
     return tmp
 
 
+def save_state_dict(sd: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Write a plain state dict atomically: safetensors for ``.safetensors``, else ``torch.save``."""
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {path}: {path.parent} is not a directory", fix="create it first")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        tensors = {k: v.contiguous() for k, v in sd.items()}
+        tmp = atomic_write(path, lambda t: save_file(tensors, t))
+    else:
+        tmp = atomic_write(path, lambda t: torch.save(dict(sd), t))
+    os.replace(tmp, path)
+    return path
+
+
 def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], report: dict,
                *, data: bytes | None = None) -> Path:
     """Write the model (and its JSON sidecar) atomically: temp files in the same directory, then rename.
@@ -448,7 +476,7 @@ def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], 
             except Exception as e:
                 raise OutputError(
                     f"torch cannot pickle this model to {path}: {_first_line(e)}",
-                    fix="write .safetensors instead, or bake parametrizations first",
+                    fix="write .safetensors instead (the recipe is replayed on load), or run `normswap bake` first",
                 ) from None
 
     sidecar = {

@@ -28,7 +28,7 @@ MAX_NODES = 20_000
 MAX_DEPTH = 40
 
 RECIPE_KEYS = ("version", "name", "description", "params", "rules", "check")
-RULE_KEYS = ("name", "match", "replace", "with", "carry", "required")
+RULE_KEYS = ("name", "match", "replace", "with", "carry", "required", "when")
 MATCH_KEYS = ("family", "type", "path", "exclude", "channels", "include_subclasses")
 CHANNEL_KEYS = ("min", "max")
 CHECK_MODES = ("numeric", "interface", "none")
@@ -46,6 +46,7 @@ class Rule:
     required: bool
     line: int | None
     template: Selector | None = None  # the match as written, "${p}" in path/exclude unresolved
+    when: Any = True  # true, false, or "${p}" naming a true/false parameter: whether the rule is used
 
     def bind(self, params: Mapping[str, Any]) -> "Rule":
         """This rule with ``${p}`` in its match's path/exclude replaced by the parameter's value."""
@@ -64,8 +65,15 @@ class Rule:
 
     def match_params(self) -> list[str]:
         """Names of the parameters this rule's path/exclude refer to."""
+        return self.path_params() + self.exclude_params()
+
+    def path_params(self) -> list[str]:
         template = self.template or self.selector
-        return [m.group(1) for p in template.paths + template.exclude if (m := _PARAM_REF.match(p))]
+        return [m.group(1) for p in template.paths if (m := _PARAM_REF.match(p))]
+
+    def exclude_params(self) -> list[str]:
+        template = self.template or self.selector
+        return [m.group(1) for p in template.exclude if (m := _PARAM_REF.match(p))]
 
     def label(self) -> str:
         return f"rule {self.index + 1} ({self.name})" if self.name else f"rule {self.index + 1}"
@@ -103,19 +111,33 @@ class Recipe:
         return out._bound()
 
     def _bound(self) -> "Recipe":
-        """Rules with path parameters resolved; a path parameter must be a glob or a list of globs."""
+        """Rules with path parameters resolved and rules turned off by ``when:`` dropped.
+
+        A path parameter must be a glob or a list of globs; a ``when`` parameter true or false.
+        """
         problems = []
+        active = []
         for rule in self.rules:
+            ref = _PARAM_REF.match(rule.when) if isinstance(rule.when, str) else None
+            value = self.params.get(ref.group(1)) if ref else rule.when
+            if not isinstance(value, bool):
+                problems.append(Problem(self.source, rule.line, f"{rule.label()}: parameter '{ref.group(1)}' is used "
+                                        f"as the rule's 'when', so it must be true or false, got {value!r}"))
+            elif value:
+                active.append(rule)
+        for rule in active:
             for name in rule.match_params():
                 value = self.params.get(name)
+                empty_ok = name not in rule.path_params()  # excluding nothing is fine; selecting nothing is not
                 ok = (isinstance(value, str) and value) or (
-                    isinstance(value, list) and value and all(isinstance(x, str) and x for x in value))
+                    isinstance(value, list) and (value or empty_ok) and all(isinstance(x, str) and x for x in value))
                 if not ok:
+                    what = "a glob or a list of globs" + (" (possibly empty)" if empty_ok else "")
                     problems.append(Problem(self.source, rule.line, f"{rule.label()}: parameter '{name}' is used as "
-                                            f"a path glob, so it must be a glob or a list of globs, got {value!r}"))
+                                            f"a path glob, so it must be {what}, got {value!r}"))
         if problems:
             raise RecipeError(problems)
-        return dc_replace(self, rules=tuple(r.bind(self.params) for r in self.rules))
+        return dc_replace(self, rules=tuple(r.bind(self.params) for r in active))
 
     def resolved_options(self, *, allow_unset: bool = False) -> list[dict[str, Any]]:
         """Each rule's options with parameters substituted and defaults filled in, type-checked.
@@ -444,11 +466,20 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
     if not isinstance(required, bool):
         v.add(path + ("required",), f"{label}: 'required' must be true or false, got {required!r}")
         required = False
+    when = rd.get("when", True)
+    ref = _PARAM_REF.match(when) if isinstance(when, str) else None
+    if ref:
+        if ref.group(1) not in params:
+            v.add(path + ("when",), f"{label}: '{when}' refers to an undeclared parameter; declare it under 'params:'")
+        used.add(ref.group(1))
+    elif not isinstance(when, bool):
+        v.add(path + ("when",), f"{label}: 'when' must be true, false or a parameter like ${{drop}}, got {when!r}")
+        when = True
     if selector is None or repl is None:
         return None
     return Rule(
         index=i, name=rname, selector=selector, replace=repl.name, options=dict(options),
-        carry=carry, required=required, line=v.line(path),
+        carry=carry, required=required, line=v.line(path), when=when,
     )
 
 
@@ -550,6 +581,7 @@ def recipe_schema() -> dict:
             "with": {"type": "object"},
             "carry": {},
             "required": {"type": "boolean"},
+            "when": {"anyOf": [{"type": "boolean"}, param_ref]},
         },
         "allOf": conditionals,
     }

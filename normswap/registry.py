@@ -71,13 +71,15 @@ class Built:
     carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
     also: list[tuple[str, nn.Module, list[str]]] = field(default_factory=list)  # other layers replaced: (path, new, notes)
     links: dict[str, dict] = field(default_factory=dict)  # path -> how it lines up with the original (layerwise.py)
+    plan_notes: list[str] = field(default_factory=list)  # said once in the report, however many layers say it
 
 
 class SkipLayer(Exception):
     """Raised by a factory when a target cannot work on this layer; the layer stays as it is."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, quiet: bool = False):
         self.reason = reason
+        self.quiet = quiet  # nothing to do here (e.g. bake on a plain layer): not listed as skipped
         super().__init__(reason)
 
 
@@ -136,7 +138,7 @@ def register(
 
 
 def _load_builtins() -> None:
-    from . import folding, replacements  # noqa: F401  (register the built-in factories)
+    from . import folding, replacements, weight_norms  # noqa: F401  (register the built-in factories)
 
 
 def names() -> list[str]:

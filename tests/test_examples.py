@@ -27,3 +27,14 @@ def test_style_transfer_instance_norm_ignores_batch_mates(capsys):
     out = capsys.readouterr().out
     assert "InstanceNorm: the first image's output moves by 0 when" in out
     assert "11 BatchNorm2d -> InstanceNorm2d" in out
+
+
+def test_sn_discriminator_singular_values_end_near_one(capsys):
+    import sn_discriminator
+
+    assert sn_discriminator.main(["--steps", "30"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in ("conv1", "conv2", "fc")]
+    assert [r[0] for r in rows] == ["conv1", "conv2", "fc"]
+    assert all(abs(float(r[2]) - 1) < 0.1 for r in rows), out
+    assert "discriminator.bn2 Identity" in out

@@ -1,6 +1,7 @@
 """Normalization modules torch and timm lack."""
 from .affine import ChannelAffine
 from .conditional import ConditionalBatchNorm2d, ConditionalInstanceNorm2d, conditioned, set_condition
+from .cosine import CosineConv, CosineLinear
 from .ibn import IBN
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
@@ -9,4 +10,5 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "IBN",
     "ConditionalInstanceNorm2d", "ConditionalBatchNorm2d", "set_condition", "conditioned",
+    "CosineLinear", "CosineConv",
 ]
