@@ -54,6 +54,10 @@ class GAN(nn.Module):
         self.generator = Generator()
         self.discriminator = Discriminator()
 
+    def forward(self, z):
+        """The discriminator's score of generated images."""
+        return self.discriminator(self.generator(z))
+
 
 def largest_singular_values(model: nn.Module) -> dict[str, float]:
     """σ₁ of each conv/linear weight as the layer uses it (output channels first, as spectral norm reshapes)."""

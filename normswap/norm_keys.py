@@ -24,6 +24,9 @@ import torch
 from .errors import InputSpecError
 
 FORMATS = ("parametrized", "legacy")
+# (old-hook suffix of the tensor's name, key under parametrizations.<name>.)
+_SPECTRAL = (("_orig", "original"), ("_u", "0._u"), ("_v", "0._v"))
+_WEIGHT = (("_g", "original0"), ("_v", "original1"))
 _NEW_SN = re.compile(r"^(?P<p>(?:.*\.)?)parametrizations\.(?P<n>[^.]+)\.(?:original|0\._u|0\._v)$")
 _NEW_WN = re.compile(r"^(?P<p>(?:.*\.)?)parametrizations\.(?P<n>[^.]+)\.original[01]$")
 
@@ -74,25 +77,16 @@ def convert(sd: Mapping[str, torch.Tensor], to: str) -> tuple[OrderedDict, list[
     """The state dict with its spectral/weight-norm keys renamed into format ``to``, and what was renamed."""
     if to not in FORMATS:
         raise InputSpecError(f"unknown state-dict format {to!r}", fix=f"use one of {', '.join(FORMATS)}")
+    spectral, weight = _old_sites(sd) if to == "parametrized" else _new_sites(sd)
     renames: dict[str, str] = {}
-    if to == "parametrized":
-        spectral, weight = _old_sites(sd)
-        for p, n in spectral:
-            base = f"{p}parametrizations.{n}"
-            renames.update({f"{p}{n}_orig": f"{base}.original", f"{p}{n}_u": f"{base}.0._u",
-                            f"{p}{n}_v": f"{base}.0._v"})
-        for p, n in weight:
-            base = f"{p}parametrizations.{n}"
-            renames.update({f"{p}{n}_g": f"{base}.original0", f"{p}{n}_v": f"{base}.original1"})
-    else:
-        spectral, weight = _new_sites(sd)
-        for p, n in spectral:
-            base = f"{p}parametrizations.{n}"
-            renames.update({f"{base}.original": f"{p}{n}_orig", f"{base}.0._u": f"{p}{n}_u",
-                            f"{base}.0._v": f"{p}{n}_v"})
-        for p, n in weight:
-            base = f"{p}parametrizations.{n}"
-            renames.update({f"{base}.original0": f"{p}{n}_g", f"{base}.original1": f"{p}{n}_v"})
+    for sites, table in ((spectral, _SPECTRAL), (weight, _WEIGHT)):
+        for p, n in sites:
+            for old, new in table:
+                legacy_key, new_key = f"{p}{n}{old}", f"{p}parametrizations.{n}.{new}"
+                if to == "parametrized":
+                    renames[legacy_key] = new_key
+                else:
+                    renames[new_key] = legacy_key
     out = OrderedDict((renames.get(k, k), v) for k, v in sd.items())
     notes = []
     if spectral:

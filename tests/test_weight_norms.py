@@ -2,6 +2,8 @@
 import copy
 import io
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,41 +20,10 @@ from normswap.layers.cosine import CosineConv, CosineLinear
 from normswap.testing import randomize_bn
 
 
-class Generator(nn.Module):
-    def __init__(self, z=8):
-        super().__init__()
-        self.fc = nn.Linear(z, 16 * 4 * 4)
-        self.up1 = nn.ConvTranspose2d(16, 8, 4, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.up2 = nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from sn_discriminator import GAN, Discriminator  # noqa: E402  (the example's DCGAN: z of 16, 8x8 images)
 
-    def forward(self, z):
-        x = self.fc(z).view(-1, 16, 4, 4)
-        return torch.tanh(self.up2(F.relu(self.bn1(self.up1(x)))))
-
-
-class Discriminator(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 4, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 4, stride=2, padding=1)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16 * 4 * 4, 1)
-
-    def forward(self, x):
-        x = F.leaky_relu(self.conv1(x), 0.2)
-        x = F.leaky_relu(self.bn2(self.conv2(x)), 0.2)
-        return self.fc(x.flatten(1))
-
-
-class GAN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.generator = Generator()
-        self.discriminator = Discriminator()
-
-    def forward(self, z):
-        return self.discriminator(self.generator(z))
+Z = 16
 
 
 def legacy_discriminator():
@@ -74,7 +45,7 @@ def parametrized_paths(model):
 def gan():
     torch.manual_seed(0)
     model = GAN()
-    randomize_bn(model, (4, 8))
+    randomize_bn(model, (4, Z))
     return model
 
 
@@ -122,7 +93,7 @@ def test_spectral_norm_bounds_every_largest_singular_value_near_one():
     sn.train()
     with torch.no_grad():
         for _ in range(5):
-            sn(torch.randn(4, 8))
+            sn(torch.randn(4, Z))
     for p in paths:
         m = sn.get_submodule(p)
         dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0  # output channels sit in dim 1 of a transposed conv
@@ -149,13 +120,13 @@ def test_weight_norm_leaves_outputs_unchanged():
     model = gan().eval()
     wn = normswap.apply(model, "weight_norm", check=True)  # the recipe's numeric check passes
     assert parametrized_paths(wn) == parametrized_paths(normswap.apply(model, "spectral_norm"))
-    z = torch.randn(6, 8)
+    z = torch.randn(6, Z)
     with torch.no_grad():
         ref, out = model(z), wn(z)
     assert ((ref - out).abs().max() / ref.abs().max()).item() <= 1e-5
     up = wn.generator.up1.parametrizations.weight
-    assert tuple(up.original0.shape) == (1, 8, 1, 1)  # g per output channel, weight dim 1 for ConvTranspose
-    assert tuple(wn.discriminator.conv1.parametrizations.weight.original0.shape) == (8, 1, 1, 1)
+    assert tuple(up.original0.shape) == (1, 16, 1, 1)  # g per output channel, weight dim 1 for ConvTranspose
+    assert tuple(wn.discriminator.conv1.parametrizations.weight.original0.shape) == (32, 1, 1, 1)
 
 
 # ------------------------------------------------------------------ cosine norm
@@ -216,11 +187,11 @@ def test_each_recipe_saves_reloads_copies_bakes_pickles_and_exports(recipe, tmp_
     out = normswap.apply(model, recipe)
     out.train()
     with torch.no_grad():  # a few train steps' worth of power iteration and a changed weight
-        out(torch.randn(4, 8))
+        out(torch.randn(4, Z))
         for p in out.parameters():
             p.add_(0.01)
     out.eval()
-    z = torch.randn(3, 8)
+    z = torch.randn(3, Z)
     with torch.no_grad():
         want = out(z)
     fresh = normswap.apply(gan(), recipe)
@@ -229,7 +200,7 @@ def test_each_recipe_saves_reloads_copies_bakes_pickles_and_exports(recipe, tmp_
     with torch.no_grad():
         assert torch.equal(fresh.eval()(z), want)
         assert torch.equal(copied(z), want)
-    baked = normswap.bake(out, input_size=(3, 8))
+    baked = normswap.bake(out, input_size=(3, Z))
     assert parametrized_paths(baked) == []
     assert bool(parametrized_paths(out)) == (recipe != "cosine_norm")  # baking worked on a copy
     buf = io.BytesIO()
@@ -244,16 +215,16 @@ def test_each_recipe_saves_reloads_copies_bakes_pickles_and_exports(recipe, tmp_
 
 def test_parametrized_model_does_not_pickle_but_says_what_to_do(tmp_path):
     gan_sn = tmp_path / "gan.safetensors"
-    assert main(["apply", "spectral_norm", "test_weight_norms:GAN", "-o", str(gan_sn), "--input-size", "2,8"]) == 0
+    assert main(["apply", "spectral_norm", "test_weight_norms:GAN", "-o", str(gan_sn), "--input-size", "2,16"]) == 0
     out = tmp_path / "gan.pt"
-    assert main(["apply", "spectral_norm", "test_weight_norms:GAN", "-o", str(out), "--input-size", "2,8"]) == 2
+    assert main(["apply", "spectral_norm", "test_weight_norms:GAN", "-o", str(out), "--input-size", "2,16"]) == 2
     assert not out.exists()
     baked = tmp_path / "baked.pt"
-    assert main(["bake", str(gan_sn), "-o", str(baked), "--input-size", "2,8"]) == 0
+    assert main(["bake", str(gan_sn), "-o", str(baked), "--input-size", "2,16"]) == 0
     model = torch.load(baked, weights_only=False)
     assert parametrized_paths(model) == [] and type(model).__name__ == "GAN"
     replayed = normswap.load(gan_sn).eval()
-    z = torch.randn(2, 8)
+    z = torch.randn(2, Z)
     with torch.no_grad():
         assert torch.allclose(model.eval()(z), replayed(z), rtol=1e-5, atol=1e-6)
 
@@ -261,7 +232,7 @@ def test_parametrized_model_does_not_pickle_but_says_what_to_do(tmp_path):
 def test_bake_then_fold():
     model = gan().eval()
     sn = normswap.apply(model, "spectral_norm", paths="discriminator.**")
-    folded, report = normswap.fold(normswap.bake(sn.eval()), input_size=(2, 8), return_report=True)
+    folded, report = normswap.fold(normswap.bake(sn.eval()), input_size=(2, Z), return_report=True)
     assert type(folded.discriminator.bn2) is nn.Identity and type(folded.generator.bn1) is nn.Identity
     assert report.check["ok"]
 
@@ -275,13 +246,13 @@ def test_legacy_spectral_norm_checkpoint_loads_into_the_parametrized_model_and_b
     old.train()
     with torch.no_grad():
         for _ in range(3):
-            old(torch.randn(4, 1, 16, 16))  # power iterations move u and v
+            old(torch.randn(4, 1, 8, 8))  # power iterations move u and v
     old.eval()
     old_sd = old.state_dict()
     assert {"conv1.weight_orig", "conv1.weight_u", "conv1.weight_v"} <= set(old_sd)
     new = normswap.apply(Discriminator(), "spectral_norm").eval()
     new.load_state_dict(normswap.migrate(old_sd))
-    x = torch.randn(5, 1, 16, 16)
+    x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(new(x), old(x))
     back = legacy_discriminator().eval()
@@ -306,7 +277,7 @@ def test_parametrized_weight_norm_written_in_the_legacy_form():
             setattr(old.get_submodule(parent), name,
                     torch.nn.utils.weight_norm(layer, dim=1 if isinstance(layer, nn.ConvTranspose2d) else 0))
     old.load_state_dict(legacy_sd)
-    z = torch.randn(4, 8)
+    z = torch.randn(4, Z)
     with torch.no_grad():
         assert torch.allclose(old(z), new(z), rtol=1e-6, atol=1e-7)
 
@@ -318,7 +289,7 @@ def test_load_renames_keys_to_the_models_format(tmp_path):
     torch.save(old.state_dict(), path)
     loaded = normswap.io.load_model(path, arch="test_weight_norms:sn_discriminator")
     assert any("renamed the legacy spectral/weight-norm keys" in n for n in loaded.notes)
-    x = torch.randn(2, 1, 16, 16)
+    x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.model.eval()(x), old(x))
 
@@ -345,7 +316,7 @@ def test_migrate_command(tmp_path, capsys):
 
     new = sn_discriminator().eval()
     new.load_state_dict(load_file(dst))
-    x = torch.randn(2, 1, 16, 16)
+    x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(new(x), old(x))
     assert src.read_bytes() == before
