@@ -74,6 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    p = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics on new data (AdaBN), exactly")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="DIR", help="a folder of images (class subfolders fine), transformed as the "
+                                                  "model's pretrained_cfg says")
+    src.add_argument("--tensors", metavar="FILE", help="a tensor file: one batch, or a list of batches")
+    src.add_argument("--random", type=int, metavar="N", help="N batches of random inputs (a smoke run)")
+    p.add_argument("-o", "--output", required=True, help="output file (.safetensors or .pt)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch for --data / --random (default 32)")
+    p.add_argument("--limit", type=int, help="use at most this many images from --data")
+    p.add_argument("--max-samples", type=int, default=256,
+                   help="samples in flight at once (default 256); more data runs one partial pass per BN")
+    p.add_argument("--input-size", help="input shape, e.g. 1,3,224,224 (default: the model's pretrained_cfg)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("migrate", help="rename spectral/weight-norm state-dict keys between torch's old hooks "
                                       "and its parametrizations")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a state dict or training checkpoint (.pt/.pth/.safetensors)")
@@ -208,6 +224,51 @@ def cmd_bake(args) -> int:
     return _rewrite(args, recipe, _load(args) if args.dry_run or args.output else None)
 
 
+def cmd_recalibrate(args) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from . import data as sources
+    from .recalibration import recalibrate
+
+    for name in ("batch_size", "limit", "max_samples", "random"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise NormswapError(f"--{name.replace('_', '-')} {value} must be at least 1", code="input_invalid")
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # under torchrun: every process takes a shard
+        started = True
+    try:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        loaded = _load(args)
+        out = resolve_output(args.output, loaded)
+        size = tuple(loaded.input_size) if loaded.input_size else None
+        if args.data:
+            batches = sources.image_folder_batches(loaded.model, args.data, args.batch_size, limit=args.limit,
+                                                   input_size=size)
+        elif args.tensors:
+            batches = sources.tensor_file_batches(args.tensors)
+        else:
+            batches = sources.random_batches(loaded.model, args.random, args.batch_size, input_size=size)
+        shard = batches[rank::world]
+        model, report = recalibrate(loaded.model, shard, max_samples=args.max_samples, return_report=True,
+                                    progress=not args.no_progress and not args.json and sys.stderr.isatty())
+        if rank == 0:
+            step = {"recalibrate": {"samples": report.samples, "mode": report.mode,
+                                    "source": args.data or args.tensors or f"random x {args.random}"}}
+            save_model(model, out, loaded, [step], report.to_json())
+            if args.json:
+                print(json.dumps({**report.to_json(), "output": str(out)}, indent=2))
+            else:
+                print("\n".join(report.lines() + [f"wrote {out}"]))
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
 def cmd_migrate(args) -> int:
     from .norm_keys import convert, detect
     from .io import read_object, save_state_dict, unwrap_checkpoint
@@ -318,7 +379,8 @@ def _emit(args, report: Report) -> None:
         report.render(_console())
 
 
-COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "bake": cmd_bake, "migrate": cmd_migrate, "inspect": cmd_inspect,
+COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "bake": cmd_bake, "recalibrate": cmd_recalibrate,
+            "migrate": cmd_migrate, "inspect": cmd_inspect,
             "check": cmd_check, "recipes": cmd_recipes}
 
 

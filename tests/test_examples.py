@@ -38,3 +38,15 @@ def test_sn_discriminator_singular_values_end_near_one(capsys):
     assert [r[0] for r in rows] == ["conv1", "conv2", "fc"]
     assert all(abs(float(r[2]) - 1) < 0.1 for r in rows), out
     assert "discriminator.bn2 Identity" in out
+
+
+def test_domain_shift_recalibration_recovers_accuracy(capsys):
+    import domain_shift
+
+    assert domain_shift.main(["--epochs", "6"]) == 0
+    out = capsys.readouterr().out
+    figures = {line.split(":")[0].strip(): float(line.split()[-1]) for line in out.splitlines()
+               if line.startswith(("source", "shifted"))}
+    before, after = figures["shifted domain, before recalibration"], figures["shifted domain, after recalibration"]
+    assert figures["source domain, test accuracy"] > 0.9
+    assert after > before + 0.3 and after > 0.8, out
