@@ -30,6 +30,8 @@ def apply(
     check: bool = False,
     example_inputs: Any = None,
     input_size: tuple[int, ...] | None = None,
+    calibration: Any = None,
+    calibration_fit: str = "least_squares",
     **params: Any,
 ):
     """Rewrite ``model`` by ``recipe`` (a built-in name, a YAML path, a dict or a Recipe).
@@ -39,14 +41,28 @@ def apply(
     keyword arguments (``num_groups=16``). With ``check=True`` the recipe's
     check runs on the result; if it fails, CheckFailedError is raised and the
     caller's model is left as it was. Any error leaves the caller's model unchanged.
+    ``calibration``: batches (a list of input tensors) on which each new normalization
+    layer's affine is fitted so the swapped model starts where the original was
+    (``normswap.calibration``; ``calibration_fit`` picks the fit); the report's
+    ``calibration`` entry says how much of the original function survived.
     """
+    from .calibration import calibrate, swaps_to_calibrate
+
+    if calibration is not None:
+        calibration = list(calibration)
+        if example_inputs is None and input_size is None and calibration:
+            example_inputs = calibration[0]  # the data says what the model takes
     p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, **params)
     report = Report.from_plan(p, model, applied=True)
     reference = engine.copy_model(model) if (check and inplace) else model
+    swaps = swaps_to_calibrate(p, calibration is not None)
+    if swaps:  # fitted on a private copy holding the prepared layers, before anything touches the caller's model
+        work = engine.copied_with(model, p)
+        report.calibration = calibrate(model, work, swaps, calibration, fit=calibration_fit).to_json()
     if inplace:
         target, undo = model, engine.commit(model, p)
     else:
-        target, undo = engine.copied_with(model, p), []
+        target, undo = (work if swaps else engine.copied_with(model, p)), []
     if check and p.recipe.check != "none":
         inputs = example_inputs
         result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size,

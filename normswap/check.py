@@ -221,9 +221,18 @@ def check(
             raise NormswapError(f"{name} must be a torch.nn.Module, got {type(m).__name__}", code="input_invalid")
     if mode == "none":
         return CheckResult(ok=True, mode="none")
-    if mode == "interface":
-        return _interface(reference, candidate, inputs, input_size, seed)
-    return _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map)
+    try:
+        if mode == "interface":
+            return _interface(reference, candidate, inputs, input_size, seed)
+        return _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map)
+    except NormswapError:
+        raise
+    except Exception as e:  # a forward that cannot run on the check's inputs is an input problem, not a crash
+        shape = f" of shape {list(input_size)}" if input_size else ""
+        raise NormswapError(f"the check's forward pass failed on its inputs{shape}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}",
+                            fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...) "
+                                "or inputs", code="input_invalid") from None
 
 
 # Unit roundoff by dtype: the relative size of one rounding step.

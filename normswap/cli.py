@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import __version__, engine
+from .calibration import calibrate, swaps_to_calibrate
 from .check import check as run_check
 from .errors import InputSpecError, NormswapError
 from .export import format_for
@@ -53,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="set a recipe parameter")
     p.add_argument("--input-size", help="example input shape for analysis and checks, e.g. 1,3,224,224")
     p.add_argument("--no-check", action="store_true", help="skip the recipe's check")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--calibrate-data", metavar="DIR", help="fit the new layers' affine on a folder of images")
+    cal.add_argument("--calibrate-tensors", metavar="FILE", help="fit the new layers' affine on saved batches")
+    p.add_argument("--calibrate-batch-size", type=int, default=32, help="images per batch for --calibrate-data")
+    p.add_argument("--calibrate-limit", type=int, help="use at most this many images from --calibrate-data")
+    p.add_argument("--calibrate-fit", choices=("least_squares", "moments"), default="least_squares",
+                   help="how each layer is fitted (default least_squares; see docs/calibration.md)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("fold", help="fold BatchNorm into the conv/linear layers next to it, for deployment")
@@ -181,6 +189,10 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
                             code="input_invalid")
     out = None if args.dry_run else resolve_output(args.output, loaded, export=export)
     input_size = tuple(loaded.input_size) if loaded.input_size else None
+    batches = None if args.dry_run else _calibration_batches(args, loaded, input_size)
+    if batches and input_size is None:
+        input_size = tuple(batches[0].shape)  # the data says what the model takes; the sidecar keeps it for replay
+        loaded.input_size = list(input_size)
     plan = engine.plan(loaded.model, recipe, input_size=input_size)
     report = Report.from_plan(plan, loaded.model, applied=not args.dry_run)
     report.notes[:0] = loaded.notes
@@ -188,6 +200,9 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
         _emit(args, report)
         return 0
     model = engine.copied_with(loaded.model, plan)
+    swaps = swaps_to_calibrate(plan, batches is not None)
+    if swaps:
+        report.calibration = calibrate(loaded.model, model, swaps, batches, fit=args.calibrate_fit).to_json()
     status = 0
     if recipe.check != "none" and not args.no_check:
         result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size, fold_map=plan.links)
@@ -217,6 +232,21 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
         report.notes.append("a check failed: nothing was written")
     _emit(args, report)
     return status
+
+
+def _calibration_batches(args, loaded: Loaded, input_size) -> list | None:
+    from . import data as sources
+
+    if getattr(args, "calibrate_data", None):
+        for name in ("calibrate_batch_size", "calibrate_limit"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise NormswapError(f"--{name.replace('_', '-')} {value} must be at least 1", code="input_invalid")
+        return sources.image_folder_batches(loaded.model, args.calibrate_data, args.calibrate_batch_size,
+                                            limit=args.calibrate_limit, input_size=input_size)
+    if getattr(args, "calibrate_tensors", None):
+        return sources.tensor_file_batches(args.calibrate_tensors)
+    return None
 
 
 def cmd_bake(args) -> int:

@@ -8,7 +8,7 @@ input while upstream BNs normalize with batch statistics instead, and
 per-batch averages drop the variance between batches (``moments.py``).
 
 How it costs one forward pass: every batch runs its own eval-mode forward, in
-lockstep (``_Lockstep``): a pre-hook on each BN stops each batch there until all
+lockstep (``lockstep.Lockstep``): a pre-hook on each BN stops each batch there until all
 batches have arrived, then pools the statistics of the BN's whole input (per
 batch, then Chan's formula; across processes with ``all_gather`` when
 torch.distributed is initialized), writes them into the BN, and lets the
@@ -21,8 +21,7 @@ Same numbers, more passes.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 from .errors import InputSpecError, NormswapError
 from .families import family_of
 from .inputs import as_args
+from .lockstep import Lockstep, Stop
 from .moments import Moments, chunk_moments, combine_all
 
 MAX_FIXED_POINT_PASSES = 10
@@ -139,10 +139,6 @@ def _set(bn: nn.Module, pooled: Moments) -> None:
     bn.running_var.copy_(pooled.variance.to(bn.running_var.dtype))
 
 
-class _Stop(Exception):
-    """Ends a partial pass at the BN being recalibrated."""
-
-
 @contextlib.contextmanager
 def _hooks(targets: dict[nn.Module, str], hook):
     handles = [m.register_forward_pre_hook(hook) for m in targets]
@@ -169,82 +165,6 @@ def _progress(enabled: bool, total: int, what: str):
     return run()
 
 
-class _Lockstep:
-    """Runs each batch's forward in its own thread, one thread at a time, all stopping at every BN.
-
-    Threads here are coroutines, not parallelism: the scheduler resumes batch 0
-    until it reaches the next BN (or ends), then batch 1, and so on; when every
-    batch waits at the same BN, that BN's statistics are pooled and set, and the
-    round repeats. Each forward keeps its own batch size (cache-friendly: one
-    64-image batch is ~1.5x slower than eight 8-image batches on resnet50 here).
-    """
-
-    def __init__(self, model: nn.Module, data: list[tuple]):
-        self.model, self.data = model, data
-        self.go = [threading.Semaphore(0) for _ in data]
-        self.back: queue.Queue = queue.Queue()
-        self.local = threading.local()
-        self.abort = False
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(data))]
-
-    def _run(self, i: int) -> None:
-        self.local.index = i
-        self.go[i].acquire()
-        try:
-            if self.abort:
-                raise _Stop
-            with torch.no_grad():  # grad mode is per thread
-                self.model(*self.data[i])
-            self.back.put((i, "done", None))
-        except _Stop:
-            self.back.put((i, "stopped", None))
-        except BaseException as e:  # noqa: BLE001 - handed to the scheduler, which raises it
-            self.back.put((i, "error", e))
-
-    def wait_at(self, key, moments: Moments) -> None:
-        """Called from a BN pre-hook in a batch's thread: report, then sleep until resumed."""
-        i = self.local.index
-        self.back.put((i, "bn", (key, moments)))
-        self.go[i].acquire()
-        if self.abort:
-            raise _Stop
-
-    def rounds(self):
-        """Yield (key, [moments per live batch, in batch order]) at each BN; the caller sets the BN, then resumes."""
-        for t in self.threads:
-            t.start()
-        live = list(range(len(self.data)))
-        try:
-            while live:
-                arrivals = {}
-                for i in live:
-                    self.go[i].release()
-                    j, kind, payload = self.back.get()
-                    if kind == "error":
-                        raise payload
-                    if kind == "bn":
-                        arrivals[j] = payload
-                ended = [i for i in live if i not in arrivals]
-                if arrivals and ended:
-                    raise NormswapError(f"batches take different paths through the model: batch {ended[0]} ended "
-                                        f"while batch {next(iter(arrivals))} waits at a BatchNorm",
-                                        fix="recalibrate with batches the model treats alike, or max_samples=1")
-                keys = {k for k, _ in arrivals.values()}
-                if len(keys) > 1:
-                    raise NormswapError("batches take different paths through the model: they reach different "
-                                        "BatchNorms at the same point", fix="use max_samples=1 (one pass per BN)")
-                live = sorted(arrivals)
-                if live:
-                    yield next(iter(keys)), [arrivals[i][1] for i in live]
-        finally:
-            self.abort = True
-            for i, t in enumerate(self.threads):
-                if t.is_alive():
-                    self.go[i].release()
-            for t in self.threads:
-                t.join()
-
-
 def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int, dict, set]:
     """Every batch in flight, in lockstep: each BN is set from all of its input right before it normalizes."""
     calls: dict[nn.Module, int] = {}
@@ -253,7 +173,7 @@ def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int
 
     def run_pass(bar) -> None:
         counts: dict[tuple[int, nn.Module], int] = {}
-        step = _Lockstep(model, data)
+        step = Lockstep([functools.partial(model, *b) for b in data])
 
         def hook(module, args):
             me = (step.local.index, module)
@@ -305,16 +225,16 @@ def _per_layer(model, targets, data: list[tuple], group, show: bool) -> tuple[in
                 if module in done:
                     return
                 if current and module is not current[0]:
-                    raise _Stop
+                    raise Stop
                 current[:1] = [module]
                 parts.append(chunk_moments(args[0], 1))
-                raise _Stop
+                raise Stop
 
             with _hooks(targets, hook):
                 for batch in data:
                     try:
                         model(*batch)
-                    except _Stop:
+                    except Stop:
                         pass
             reached = _all_min(1 if current else 0, group)
             if not reached:

@@ -28,7 +28,7 @@ MAX_NODES = 20_000
 MAX_DEPTH = 40
 
 RECIPE_KEYS = ("version", "name", "description", "params", "rules", "check")
-RULE_KEYS = ("name", "match", "replace", "with", "carry", "required", "when")
+RULE_KEYS = ("name", "match", "replace", "with", "carry", "required", "when", "calibrate")
 MATCH_KEYS = ("family", "type", "path", "exclude", "channels", "include_subclasses")
 CHANNEL_KEYS = ("min", "max")
 CHECK_MODES = ("numeric", "interface", "none")
@@ -47,6 +47,7 @@ class Rule:
     line: int | None
     template: Selector | None = None  # the match as written, "${p}" in path/exclude unresolved
     when: Any = True  # true, false, or "${p}" naming a true/false parameter: whether the rule is used
+    calibrate: bool | None = None  # fit the new layers on calibration data: None = when data is given
 
     def bind(self, params: Mapping[str, Any]) -> "Rule":
         """This rule with ``${p}`` in its match's path/exclude replaced by the parameter's value."""
@@ -475,11 +476,15 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
     elif not isinstance(when, bool):
         v.add(path + ("when",), f"{label}: 'when' must be true, false or a parameter like ${{drop}}, got {when!r}")
         when = True
+    calibrate = rd.get("calibrate")
+    if calibrate is not None and not isinstance(calibrate, bool):
+        v.add(path + ("calibrate",), f"{label}: 'calibrate' must be true or false, got {calibrate!r}")
+        calibrate = None
     if selector is None or repl is None:
         return None
     return Rule(
         index=i, name=rname, selector=selector, replace=repl.name, options=dict(options),
-        carry=carry, required=required, line=v.line(path), when=when,
+        carry=carry, required=required, line=v.line(path), when=when, calibrate=calibrate,
     )
 
 
@@ -582,6 +587,7 @@ def recipe_schema() -> dict:
             "carry": {},
             "required": {"type": "boolean"},
             "when": {"anyOf": [{"type": "boolean"}, param_ref]},
+            "calibrate": {"type": "boolean"},
         },
         "allOf": conditionals,
     }

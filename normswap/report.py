@@ -24,6 +24,7 @@ class Report:
     check: dict | None = None
     applied: bool = False
     export: dict | None = None  # the verified deployment file, when one was asked for
+    calibration: dict | None = None  # what calibration fitted and how much of the function survived
 
     @classmethod
     def from_plan(cls, plan: Plan, model: nn.Module, applied: bool) -> "Report":
@@ -73,6 +74,7 @@ class Report:
             "notes": self.notes,
             "check": self.check,
             "export": self.export,
+            "calibration": self.calibration,
         }
 
     def render(self, console) -> None:
@@ -102,6 +104,10 @@ class Report:
                 console.print(f"note: {r['rule']} ({r['replace']}) matched no layer")
         for note in self.notes:
             console.print(f"note: {note}")
+        if self.calibration is not None:
+            from .calibration import CalibrationReport
+
+            console.print("\n".join(CalibrationReport(**self.calibration).lines()), markup=False)
         if self.check is not None:
             console.print(f"check ({self.check.get('mode')}): {self.check.get('summary')}")
         if self.export is not None:

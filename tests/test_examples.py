@@ -50,3 +50,14 @@ def test_domain_shift_recalibration_recovers_accuracy(capsys):
     before, after = figures["shifted domain, before recalibration"], figures["shifted domain, after recalibration"]
     assert figures["source domain, test accuracy"] > 0.9
     assert after > before + 0.3 and after > 0.8, out
+
+
+def test_calibrated_swap_starts_where_the_original_was(tmp_path, capsys):
+    import calibrated_swap
+
+    assert calibrated_swap.main(["--steps", "20", "--every", "10", "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    start = {line.split(",")[1].split(":")[0].strip(): float(line.split("test accuracy ")[1].split()[0])
+             for line in out.splitlines() if line.startswith("GroupNorm, ")}
+    assert start["calibrated"] > start["uncalibrated"] + 0.05, out
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

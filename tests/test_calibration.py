@@ -1,0 +1,164 @@
+"""Calibrated swaps: the new layers' affine fitted so the swapped model keeps the original's function."""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import normswap
+from normswap.cli import main
+from normswap.errors import NormswapError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from domain_shift import DigitsNet  # noqa: E402  (a small BN conv net for 8x8 digits)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A BN conv net trained on scikit-learn's digits (a second or two), with its data."""
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(8):
+        model.train()
+        for idx in torch.randperm(len(x_train)).split(64):
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model, x_train, x_test, y_test
+
+
+def scores(model, reference, x, y):
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+        return (pred == y).float().mean().item(), (pred == reference(x).argmax(1)).float().mean().item()
+
+
+@pytest.mark.parametrize("recipe", ["bn_to_gn", "bn_to_ln"])
+def test_calibrated_swap_keeps_the_original_function(digits, recipe):
+    model, x_train, x_test, y_test = digits
+    accuracy, _ = scores(model, model, x_test, y_test)
+    assert accuracy > 0.97
+    calibration = list(x_train[:256].split(32))
+    plain = normswap.apply(model, recipe, input_size=(1, 1, 8, 8))
+    fitted, report = normswap.apply(model, recipe, calibration=calibration, return_report=True)
+    plain_acc, plain_agree = scores(plain, model, x_test, y_test)
+    fit_acc, fit_agree = scores(fitted, model, x_test, y_test)
+    assert fit_agree >= 0.99 and abs(fit_acc - accuracy) <= 0.01
+    assert plain_agree < 0.95 and plain_acc < accuracy - 0.05  # without calibration the swap costs predictions
+    cal = report.calibration
+    assert cal["fit"] == "least_squares" and cal["held_back"] == 1 and len(cal["layers"]) == 3
+    assert all(r["error_after"] < r["error_before"] for r in cal["layers"])
+    assert cal["fidelity"]["top1_after"] >= cal["fidelity"]["top1_before"]
+    assert cal["fidelity"]["cosine_after"] > 0.98 > cal["fidelity"]["cosine_before"]
+
+
+def test_only_the_new_layers_affine_changes(digits):
+    model, x_train, _, _ = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = normswap.apply(model, "bn_to_gn")
+    fitted = normswap.apply(model, "bn_to_gn", calibration=list(x_train[:64].split(32)))
+    changed = {k for k, v in fitted.state_dict().items() if not torch.equal(v, plain.state_dict()[k])}
+    assert changed == {f"features.{i}.1.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fit", ["moments"])
+def test_other_fits(digits, fit):
+    model, x_train, x_test, y_test = digits
+    fitted = normswap.apply(model, "bn_to_gn", calibration=list(x_train[:256].split(32)), calibration_fit=fit)
+    assert scores(fitted, model, x_test, y_test)[1] >= 0.99
+
+
+def test_calibration_failure_leaves_the_model_untouched(digits):
+    model, _, _, _ = digits
+    snapshot = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    for inplace in (False, True):
+        with pytest.raises(NormswapError, match="calibration failed in the model's forward"):
+            normswap.apply(model, "bn_to_gn", calibration=[torch.randn(4, 3, 8, 8)], inplace=inplace)
+        assert [type(m) for m in model.modules()] == types
+        assert all(torch.equal(v, snapshot[k]) for k, v in model.state_dict().items())
+
+
+def test_inplace_calibration_puts_the_fitted_layers_in_the_callers_model(digits):
+    model, x_train, x_test, y_test = digits
+    mine = copy.deepcopy(model)
+    out = normswap.apply(mine, "bn_to_gn", calibration=list(x_train[:256].split(32)), inplace=True)
+    assert out is mine and type(mine.features[0][1]).__name__ == "GroupNorm"
+    assert scores(mine, model, x_test, y_test)[1] >= 0.99
+
+
+def test_rule_calibrate_key(digits):
+    model, x_train, _, _ = digits
+    rule = {"match": {"family": "batchnorm"}, "replace": "group_norm", "with": {"num_groups": 4}}
+    with pytest.raises(NormswapError, match="asks for calibration, but no calibration data was given"):
+        normswap.apply(model, {"version": 1, "rules": [{**rule, "calibrate": True}]})
+    _, report = normswap.apply(model, {"version": 1, "rules": [{**rule, "calibrate": False}]},
+                               calibration=list(x_train[:64].split(32)), return_report=True)
+    assert report.calibration is None
+    with pytest.raises(NormswapError, match="'calibrate' must be true or false"):
+        normswap.recipe({"version": 1, "rules": [{**rule, "calibrate": "yes"}]})
+
+
+def test_small_groups_are_warned_about(digits):
+    model, x_train, _, _ = digits
+    _, report = normswap.apply(model, "bn_to_gn", num_groups=32, min_group_size=1,
+                               calibration=list(x_train[:64].split(32)), return_report=True)
+    warned = {r["path"]: r["group_size"] for r in report.calibration["layers"] if r.get("warning")}
+    assert warned == {"features.0.1": 1, "features.1.1": 1, "features.3.1": 2}
+
+
+class PooledClassifier(nn.Module):
+    """Classes told apart by each sample's channel means: what InstanceNorm before a global pool wipes out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_where_calibration_cannot_help_the_report_says_so():
+    torch.manual_seed(0)
+    model = PooledClassifier().eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(0.5)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 3, 6, 6, generator=gen) + torch.randn(16, 3, 1, 1, generator=gen) for _ in range(4)]
+    _, report = normswap.apply(model, "bn_to_in", calibration=batches, return_report=True)
+    cal = report.calibration
+    assert cal["fidelity"]["top1_after"] < 0.6
+    assert any("InstanceNorm removes each sample's channel means" in n for n in cal["notes"])
+
+
+def test_cli_calibrate_tensors(digits, tmp_path, capsys):
+    model, x_train, x_test, _ = digits
+    sd, data = tmp_path / "digits.pth", tmp_path / "cal.pt"
+    torch.save(model.state_dict(), sd)
+    torch.save(list(x_train[:256].split(32)), data)
+    out = tmp_path / "gn.safetensors"
+    assert main(["apply", "bn_to_ln", str(sd), "--arch", "domain_shift:DigitsNet", "--calibrate-tensors", str(data),
+                 "-o", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert len(res["calibration"]["layers"]) == 3 and res["check"]["ok"]
+    reloaded = normswap.load(out)
+    assert scores(reloaded, model, x_test, model(x_test).argmax(1))[1] >= 0.99
+    assert main(["apply", "bn_to_gn", str(sd), "--arch", "domain_shift:DigitsNet", "--calibrate-tensors",
+                 str(tmp_path / "nope.pt"), "-o", str(tmp_path / "x.pt")]) == 2
+    assert "input file" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
