@@ -109,12 +109,12 @@ def _bn_function(old: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | Non
 def _sums(n: torch.Tensor, z: torch.Tensor | None, axis: int) -> torch.Tensor:
     """Per-channel [count, Σn, Σn², Σz, Σz², Σnz] (rows), float64, from one batch."""
     axis = axis % n.ndim
-    nf = n.movedim(axis, 0).flatten(1)
-    rows = [torch.full((nf.shape[0],), float(nf.shape[1]), dtype=torch.float64),
-            nf.sum(1).double(), nf.square().sum(1).double()]
+    dims = [d for d in range(n.ndim) if d != axis]  # reduce in place: no transposed copies
+    count = n.numel() // n.shape[axis]
+    rows = [torch.full((n.shape[axis],), float(count), dtype=torch.float64),
+            n.sum(dims).double(), (n * n).sum(dims).double()]
     if z is not None:
-        zf = z.movedim(axis, 0).flatten(1)
-        rows += [zf.sum(1).double(), zf.square().sum(1).double(), (nf * zf).sum(1).double()]
+        rows += [z.sum(dims).double(), (z * z).sum(dims).double(), (n * z).sum(dims).double()]
     return torch.stack(rows)
 
 
