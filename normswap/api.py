@@ -32,6 +32,7 @@ def apply(
     input_size: tuple[int, ...] | None = None,
     calibration: Any = None,
     calibration_fit: str = "least_squares",
+    low_memory: bool = False,
     **params: Any,
 ):
     """Rewrite ``model`` by ``recipe`` (a built-in name, a YAML path, a dict or a Recipe).
@@ -41,6 +42,8 @@ def apply(
     keyword arguments (``num_groups=16``). With ``check=True`` the recipe's
     check runs on the result; if it fails, CheckFailedError is raised and the
     caller's model is left as it was. Any error leaves the caller's model unchanged.
+    ``low_memory=True`` (with ``inplace=True, check=False``): a fold writes each conv in
+    place at commit instead of preparing a copy of it, for models near the memory limit.
     ``calibration``: batches (a list of input tensors) on which each new normalization
     layer's affine is fitted so the swapped model starts where the original was
     (``normswap.calibration``; ``calibration_fit`` picks the fit); the report's
@@ -52,7 +55,16 @@ def apply(
         calibration = list(calibration)
         if example_inputs is None and input_size is None and calibration:
             example_inputs = calibration[0]  # the data says what the model takes
-    p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, **params)
+    # low_memory: edits of neighbouring layers (folds) are written at commit straight into the live layers, so no
+    # copy of each edited layer is held. The price: an edit that fails there (out of memory) leaves the model
+    # partly edited, so it is opt-in, in place only, with nothing to roll back or calibrate.
+    if low_memory and (not inplace or check or calibration is not None):
+        from .errors import InputSpecError
+
+        raise InputSpecError("low_memory=True edits the model in place at commit: it needs inplace=True, "
+                             "check=False and no calibration", fix="pass inplace=True, check=False")
+    defer = low_memory
+    p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, defer_edits=defer, **params)
     report = Report.from_plan(p, model, applied=True)
     reference = engine.copy_model(model) if (check and inplace) else model
     swaps = swaps_to_calibrate(p, calibration is not None)
@@ -96,6 +108,7 @@ def fold(
     check: bool = True,
     example_inputs: Any = None,
     input_size: tuple[int, ...] | None = None,
+    low_memory: bool = False,
     **params: Any,
 ):
     """Fold eval-mode BatchNorms into their conv/linear layers: ``apply(model, "fold_bn", check=True)``.
@@ -105,7 +118,7 @@ def fold(
     leaves ``model`` as it was.
     """
     return apply(model, "fold_bn", inplace=inplace, return_report=return_report, check=check,
-                 example_inputs=example_inputs, input_size=input_size, **params)
+                 example_inputs=example_inputs, input_size=input_size, low_memory=low_memory, **params)
 
 
 def bake(model: nn.Module, *, inplace: bool = False, return_report: bool = False, check: bool = True,

@@ -307,7 +307,7 @@ def cmd_migrate(args) -> int:
     out = Path(args.output)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise NormswapError(f"-o {out} would overwrite the input", fix="write to another file", code="output_invalid")
-    sd, notes = unwrap_checkpoint(read_object(src, trust_pickle=False))
+    sd, notes = unwrap_checkpoint(read_object(src, trust_pickle=False), source=str(src))
     found = detect(sd)
     if found is None:
         raise NormswapError(f"{src} has no spectral-norm or weight-norm keys to migrate "

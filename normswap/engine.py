@@ -9,6 +9,7 @@ were all looked up first, so it cannot stop halfway.
 from __future__ import annotations
 
 import copy
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -36,6 +37,7 @@ class LayerContext:
     flow: DataFlow | None
     model: nn.Module = field(repr=False, default=None)
     prepared: dict = field(repr=False, default_factory=dict)  # canonical path -> Change planned so far
+    defer_edits: bool = False  # edit other layers at commit, in place, instead of planning edited copies
 
     def editable(self, path: str) -> nn.Module:
         """A private copy of another layer to edit (the planned one if an earlier rule already replaced it)."""
@@ -68,6 +70,7 @@ class Change:
     new: nn.Module = field(repr=False)
     notes: list[str]
     carried: dict[str, str]
+    edits: list = field(default_factory=list)  # in-place edits of ``old`` itself, run at commit (defer_edits)
 
     @property
     def old_type(self) -> str:
@@ -132,8 +135,10 @@ def module_paths(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     return list(seen.values())
 
 
-def _under(path: str, prefixes: list[str]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in prefixes)
+def _under(path: str, prefixes: set[str]) -> bool:
+    """``path`` is one of ``prefixes`` or inside one: O(depth), not O(len(prefixes))."""
+    parts = path.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts) + 1))
 
 
 def plan(
@@ -143,9 +148,17 @@ def plan(
     example_inputs: Any = None,
     input_size: tuple[int, ...] | None = None,
     flow: DataFlow | None = None,
+    defer_edits: bool = False,
     **params: Any,
 ) -> Plan:
-    """Everything ``apply`` would do, without touching ``model``."""
+    """Everything ``apply`` would do, without touching ``model``.
+
+    ``defer_edits`` (``apply(low_memory=True)``): a replacement that edits a
+    neighbour (a fold writing into a conv) computes only what the edit needs and
+    leaves the tensor work to ``commit``, on the live layer: no copy of each
+    edited layer is held. The commit can then fail halfway (out of memory), so
+    this is opt-in.
+    """
     if not isinstance(model, nn.Module):
         raise NormswapError(f"expected a torch.nn.Module, got {type(model).__name__}", code="model_load")
     recipe = load_recipe(recipe, params)
@@ -160,7 +173,7 @@ def plan(
     skipped: list[Skip] = []
     paths_of = {id(m): p for m, p in module_paths(model)}
     counts = [0] * len(recipe.rules)
-    replaced: list[str] = []
+    replaced: set[str] = set()
     links: dict[str, dict] = {}
     plan_notes: list[str] = []
     errors: list[PlanError] = []
@@ -183,7 +196,7 @@ def plan(
         ctx = LayerContext(
             path=paths[0], paths=paths, module=module, options=dict(options[rule_i]),
             carry=frozenset(rule.carry if rule.carry is not None else repl.default_carry),
-            rule=rule, recipe=recipe, flow=flow, model=model, prepared=prepared,
+            rule=rule, recipe=recipe, flow=flow, model=model, prepared=prepared, defer_edits=defer_edits,
         )
         try:
             built: Built = repl.build(ctx)
@@ -202,9 +215,17 @@ def plan(
             ))
             continue
         prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
-        replaced.extend(paths)
+        replaced.update(paths)
         links.update(built.links)
         plan_notes.extend(n for n in built.plan_notes if n not in plan_notes)
+        for path, edit, notes in built.edits:
+            if path in prepared:
+                prepared[path].edits.append(edit)
+                prepared[path].notes.extend(notes)
+            else:
+                live = model.get_submodule(path)
+                same = {n: n for n, _ in live.named_parameters()}
+                prepared[path] = Change(rule, path, paths_of[id(live)], live, live, list(notes), same, edits=[edit])
         for path, new, notes in built.also:
             if path in prepared:
                 prepared[path].new = new
@@ -256,6 +277,18 @@ def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Modul
             slots.append((parent, attr, current, ch.new))
     for parent, attr, _, new in slots:  # assignment only: nothing here can fail halfway
         parent._modules[attr] = new
+    done: list[str] = []
+    for ch in plan_.changes:  # deferred edits (low_memory): tensor writes on live layers, validated in the plan
+        for edit in ch.edits:
+            try:
+                edit(ch.new)
+            except Exception as e:
+                raise PlanError(f"the in-place edit of layer '{ch.path}' failed ({type(e).__name__}: {e}) after "
+                                f"{len(done)} layer(s) were written ({', '.join(done[:5]) or 'none'}): the model "
+                                "is partly edited", fix="reload the model; without low_memory the edits are "
+                                "prepared on copies and nothing is written unless all succeed") from None
+        if ch.edits:
+            done.append(ch.path)
     return [(parent, attr, old) for parent, attr, old, _ in slots]
 
 
@@ -270,11 +303,17 @@ def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
     The replaced modules are not copied at all: the deep copy is told to use the
     prepared ones in their place, so a fold does not copy every conv weight twice.
     """
+    if any(ch.edits for ch in plan_.changes):
+        raise PlanError("a plan with deferred in-place edits can only be committed to the model itself")
     memo: dict[int, Any] = {id(ch.old): ch.new for ch in plan_.changes}
     return copy_model(model, memo)
 
 
 def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy. The cyclic garbage collector is paused meanwhile: a copy allocates objects by the
+    hundred thousand and would otherwise trigger full collections that rescan them all (quadratic)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
         return copy.deepcopy(model, memo)
     except Exception as e:
@@ -283,3 +322,6 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
             fix="pass inplace=True to rewrite the model itself",
             code="model_copy",
         ) from None
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -327,8 +328,15 @@ def fold(ctx) -> Built:
         raise SkipLayer(site.reason)
     s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
     write = write_folded_into_input if site.into_next else write_folded
-    also, names = [], []
+    also, edits, names = [], [], []
     for path, channels in site.targets:
+        live = ctx.model.get_submodule(path)
+        if ctx.defer_edits and not parametrize.is_parametrized(live) and (
+                path not in ctx.prepared or ctx.prepared[path].edits):
+            note = f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")
+            edits.append((path, functools.partial(write, s=s[channels], t=t[channels]), [note]))
+            names.append(path)
+            continue
         target = ctx.editable(path)
         notes = []
         if parametrize.is_parametrized(target):
@@ -340,7 +348,8 @@ def fold(ctx) -> Built:
     new, notes = activation_or_identity(bn)
     via = f" through {', '.join(site.through)}" if site.through else ""
     where = "the next layer, " if site.into_next else ""
-    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also, links=site_links(site, ctx))
+    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also, edits=edits,
+                 links=site_links(site, ctx))
 
 
 def site_links(site: FoldSite, ctx) -> dict[str, dict]:

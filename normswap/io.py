@@ -182,7 +182,7 @@ def read_object(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e) and "Unsupported global" not in str(e):  # garbage, not pickled objects
+        if "GLOBAL" not in str(e) and "Unsupported global" not in str(e) and not _plain_pickle_with_objects(path):
             raise ModelLoadError(
                 f"cannot read {path}: not a PyTorch checkpoint", fix="the file may be truncated or of another format"
             ) from None
@@ -203,6 +203,20 @@ def read_object(path: Path, *, trust_pickle: bool) -> Any:
         raise ModelLoadError(f"cannot unpickle {path}: {type(e).__name__}: {_first_line(e)}") from None
 
 
+def _plain_pickle_with_objects(path: Path) -> bool:
+    """A plain (non-zip) pickle that names Python classes or functions: read opcodes, never execute them."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":
+                return False
+            f.seek(0)
+            return any(op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ") for op, _, _ in pickletools.genops(f))
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: garbage
+        return False
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -214,17 +228,17 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def unwrap_checkpoint(obj: Any, *, ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+def unwrap_checkpoint(obj: Any, *, ema: bool = False, source: str = "the file") -> tuple[dict[str, torch.Tensor], list[str]]:
     """A training checkpoint or state dict -> a plain state dict, with notes on what was done."""
     notes: list[str] = []
     if not _is_state_dict(obj):
         if not isinstance(obj, Mapping):
-            raise ModelLoadError(f"the file holds a {type(obj).__name__}, not a model or a state dict")
+            raise ModelLoadError(f"{source} holds a {type(obj).__name__}, not a model or a state dict")
         keys = (_EMA_KEYS + _PLAIN_KEYS) if ema else (_PLAIN_KEYS + _EMA_KEYS)
         chosen = next((k for k in keys if k in obj and _is_state_dict(obj[k])), None)
         if chosen is None:
             raise ModelLoadError(
-                "the file holds a dict that is neither a state dict nor a checkpoint with one "
+                f"{source} holds a dict that is neither a state dict nor a checkpoint with one "
                 f"(keys: {', '.join(map(str, list(obj)[:8]))})",
                 fix="save model.state_dict(), or a dict with it under 'state_dict'",
             )
@@ -294,7 +308,7 @@ def load_model(
         if weights is not None:
             wpath = Path(weights)
             _check_readable(wpath)
-            sd, notes = unwrap_checkpoint(read_object(wpath, trust_pickle=False), ema=ema)
+            sd, notes = unwrap_checkpoint(read_object(wpath, trust_pickle=False), ema=ema, source=str(wpath))
             notes += load_state_dict_into(model, sd, f"weights {wpath}", text)
             loaded.notes = [f"built {text} and loaded weights from {wpath}"] + notes
         return loaded
@@ -310,7 +324,7 @@ def load_model(
         inner = next((obj[k] for k in ("model", "module", "net") if isinstance(obj.get(k), nn.Module)), None)
         if inner is not None:
             return Loaded(inner, "pickle", None, path, [f"unpickled the module stored under a key in {path}"])
-    sd, notes = unwrap_checkpoint(obj, ema=ema)
+    sd, notes = unwrap_checkpoint(obj, ema=ema, source=str(path))
     if arch is None:
         raise ModelLoadError(
             f"{path} is a state dict ({len(sd)} tensors) without the architecture",

@@ -259,6 +259,9 @@ def parse_text(text: str, source: str) -> Recipe:
     return parse_data(data, source, lines)
 
 
+_PLAIN_TAGS = {"map", "seq", "str", "int", "float", "bool", "null", "timestamp"}
+
+
 class _Converter:
     """YAML node tree -> plain data, recording the line of every key; bounded against alias bombs."""
 
@@ -276,6 +279,10 @@ class _Converter:
                     f"recipe too large or too deeply nested (over {MAX_NODES} values or {MAX_DEPTH} levels; "
                     "aliases are expanded)",
                 ))
+            return None
+        if not node.tag.startswith("tag:yaml.org,2002:") or node.tag.rsplit(":", 1)[1] not in _PLAIN_TAGS:
+            self.problems.append(Problem(self.source, node.start_mark.line + 1,
+                                         f"YAML tag {node.tag!r} is not allowed: a recipe is plain data"))
             return None
         if isinstance(node, yaml.MappingNode):
             out = {}

@@ -72,6 +72,8 @@ class Built:
     also: list[tuple[str, nn.Module, list[str]]] = field(default_factory=list)  # other layers replaced: (path, new, notes)
     links: dict[str, dict] = field(default_factory=dict)  # path -> how it lines up with the original (layerwise.py)
     plan_notes: list[str] = field(default_factory=list)  # said once in the report, however many layers say it
+    # in-place edits of other layers, run at commit on the live module (low-memory in-place mode): (path, edit, notes)
+    edits: list[tuple[str, Callable[[nn.Module], None], list[str]]] = field(default_factory=list)
 
 
 class SkipLayer(Exception):

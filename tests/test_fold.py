@@ -332,3 +332,20 @@ def test_folded_weights_no_further_from_exact_than_torch_fuse(dtype):
             e_peer = (getattr(theirs, name).double() - getattr(ref_conv, name)).abs().max()
             assert getattr(mine, name).dtype == dtype
             assert e_ours <= e_peer, (i, name, e_ours.item(), e_peer.item())
+
+
+@pytest.mark.parametrize("name", ["conv2d no bias", "bn after concat of convs", "linear -> flatten -> bn1d"])
+def test_low_memory_in_place_fold_writes_the_same_weights(name):
+    make, shape = PATTERNS[name]
+    model = prepared(make(), shape)
+    expected = normswap.fold(model, input_size=shape, check=False)
+    ids = [id(m) for m in model.modules() if not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    out = normswap.fold(model, input_size=shape, check=False, inplace=True, low_memory=True)
+    assert out is model and bns(model) == []
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+    assert ids == [id(m) for m in model.modules() if not isinstance(m, nn.Identity)]  # convs edited, not replaced
+
+
+def test_low_memory_needs_in_place_without_check():
+    with pytest.raises(normswap.NormswapError, match="low_memory=True edits the model in place"):
+        normswap.fold(prepared(seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8)), low_memory=True)

@@ -1,4 +1,7 @@
-"""Property: folding random conv/BN graphs (reused modules, multi-user outputs) never changes the output."""
+"""Properties on random conv/linear/BN graphs (1-3 d, transposed, grouped, strided, dilated, reused modules,
+multi-user outputs): folding never changes the output, and no recipe raises anything but NormswapError.
+
+``NORMSWAP_FUZZ_EXAMPLES=5000`` runs the long version (docs/ARCHITECTURE.md has the figures)."""
 import copy
 import os
 
@@ -24,7 +27,8 @@ def conv_spec(draw):
     groups = draw(st.sampled_from([1, 2, C]))
     bias = draw(st.booleans())
     dilation = 1 if transposed else draw(st.sampled_from([1, 2]))
-    return (transposed, k, groups, bias, dilation)
+    stride = 1 if transposed else draw(st.sampled_from([1, 1, 2]))
+    return (transposed, k, groups, bias, dilation, stride)
 
 
 @st.composite
@@ -45,11 +49,12 @@ class RandomNet(nn.Module):
     def __init__(self, dim, convs, n_bn, steps, head):
         super().__init__()
         self.convs = nn.ModuleList()
-        for transposed, k, groups, bias, dilation in convs:
+        for transposed, k, groups, bias, dilation, stride in convs:
             if transposed:
                 self.convs.append(CONVT[dim](C, C, k, padding=k // 2, groups=groups, bias=bias))
             else:
-                self.convs.append(CONV[dim](C, C, k, padding=dilation * (k // 2), dilation=dilation, groups=groups, bias=bias))
+                self.convs.append(CONV[dim](C, C, k, padding=dilation * (k // 2), dilation=dilation, groups=groups,
+                                            bias=bias, stride=stride))
         self.bns = nn.ModuleList(BN[dim](C) for _ in range(n_bn))
         self.steps = steps
         self.head = nn.Sequential(nn.Linear(C, 6), nn.BatchNorm1d(6)) if head else None
@@ -89,3 +94,31 @@ def test_fold_never_changes_the_output(prog, seed):
         ref, out = model(x), folded(x)
     err = ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
     assert err <= 1e-9, (err, report.changes, report.skipped)
+
+
+RECIPES = [("bn_to_gn", {}), ("bn_to_in", {}), ("bn_to_ln", {}), ("bn_to_frozen", {}), ("bn_to_renorm", {}),
+           ("bn_to_evonorm", {}), ("bn_to_frn", {}), ("sync_bn", {}), ("spectral_norm", {}), ("weight_norm", {}),
+           ("cosine_norm", {}), ("fold_bn", {"into_next": True, "unfoldable": "affine"}), ("bn_to_cin", {"num_styles": 2})]
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(program(), st.integers(0, 2**16), st.sampled_from(RECIPES), st.booleans())
+def test_recipes_raise_only_normswap_errors(prog, seed, recipe, inplace):
+    dim = prog[0]
+    shape = (3, C) + (5,) * dim
+    torch.manual_seed(seed)
+    model = randomize_bn(RandomNet(*prog), shape, seed=seed).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name, params = recipe
+    try:
+        out = normswap.apply(model, name, input_size=shape, inplace=inplace, **params)
+    except normswap.NormswapError:
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
+    from normswap.layers import set_condition
+
+    if name == "bn_to_cin" and any("Conditional" in type(m).__name__ for m in out.modules()):
+        set_condition(out, torch.zeros(shape[0], dtype=torch.long))  # one style per sample
+    with torch.no_grad():
+        y = out(torch.randn(*shape))
+    assert torch.isfinite(y).all(), name
