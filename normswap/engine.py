@@ -53,12 +53,19 @@ class LayerContext:
         )
 
     def input_shape(self) -> tuple[int, ...] | None:
+        """The input shape of the layer's first call in the recorded forward (None if unknown)."""
+        shapes = self.input_shapes()
+        return shapes[0] if shapes else None
+
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The input shape of every call: a layer called twice may see two shapes."""
         if self.flow is None:
-            return None
+            return []
         try:
-            return self.flow.input_shape(self.path)
+            n = self.flow.call_count(self.path)
+            return [s for s in (self.flow.input_shape(self.path, i) for i in range(n)) if s is not None]
         except KeyError:
-            return None
+            return []
 
 
 @dataclass

@@ -113,24 +113,31 @@ def _input_shape(ctx) -> tuple[int, ...]:
 
 
 def _require_spatial(ctx, target: str) -> tuple[int, ...]:
-    """Per-sample norms need several values per channel; (N, C) and 1x1 maps have one."""
-    shape = _input_shape(ctx)
-    if len(shape) < 3:
-        raise SkipLayer(f"its input {shape} has no spatial axis: {target} would normalize single values to 0")
-    spatial = 1
-    for s in shape[2:]:
-        spatial *= s
-    if spatial == 1:
-        raise SkipLayer(f"its input {shape} is 1x1 per channel: {target} would normalize single values to 0")
-    return shape
+    """Per-sample norms need several values per channel; (N, C) and 1x1 maps have one (at any of its calls)."""
+    first = _input_shape(ctx)
+    calls = ctx.input_shapes() or [first]
+    for shape in calls:
+        shape = tuple(shape)
+        which = f" (call {calls.index(shape) + 1} of {len(calls)})" if len(calls) > 1 else ""
+        if len(shape) < 3:
+            raise SkipLayer(f"its input {shape}{which} has no spatial axis: {target} would normalize single "
+                            "values to 0")
+        spatial = 1
+        for s in shape[2:]:
+            spatial *= s
+        if spatial == 1:
+            raise SkipLayer(f"its input {shape}{which} is 1x1 per channel: {target} would normalize single "
+                            "values to 0")
+    return first
 
 
 def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
-    shape = _input_shape(ctx)
-    if len(shape) not in ranks:
-        want = " or ".join(f"{r}-d" for r in ranks)
-        raise SkipLayer(f"{target} takes {want} input; this layer sees {shape}")
-    return shape
+    first = _input_shape(ctx)
+    for shape in ctx.input_shapes() or [first]:
+        if len(shape) not in ranks:
+            want = " or ".join(f"{r}-d" for r in ranks)
+            raise SkipLayer(f"{target} takes {want} input; this layer sees {tuple(shape)}")
+    return first
 
 
 def _carried_affine(ctx, new: nn.Module) -> dict[str, str]:

@@ -354,3 +354,24 @@ def test_conditional_in_renders_per_sample_styles():
 def test_conditional_recipes_need_their_count():
     with pytest.raises(normswap.NormswapError, match="num_classes' has no default and must be set"):
         normswap.apply(built("resnet18", 64), "bn_to_cbn", input_size=(1, 3, 64, 64))
+
+
+class SharedBNShrinking(nn.Module):
+    """One BN after each of three stride-2 convs: its last call sees a 1x1 map (found by the recipe fuzz)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1, stride=2)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.bn(self.conv(x))
+        return x
+
+
+def test_per_sample_norms_check_every_call_of_a_shared_layer():
+    model = SharedBNShrinking().eval()
+    out, report = normswap.apply(model, "bn_to_in", input_size=(3, 4, 5), return_report=True)
+    assert report.changes == [] and "(call 3 of 3) is 1x1 per channel" in report.skipped[0]["reason"]
+    out(torch.randn(3, 4, 5))
