@@ -110,8 +110,10 @@ def _sums(n: torch.Tensor, z: torch.Tensor | None, axis: int) -> torch.Tensor:
     """Per-channel [count, Σn, Σn², Σz, Σz², Σnz] (rows), float64, from one batch."""
     axis = axis % n.ndim
     dims = [d for d in range(n.ndim) if d != axis]  # reduce in place: no transposed copies
+    if n.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow float16
+        n, z = n.float(), (z.float() if z is not None else None)
     count = n.numel() // n.shape[axis]
-    rows = [torch.full((n.shape[axis],), float(count), dtype=torch.float64),
+    rows = [torch.full((n.shape[axis],), float(count), dtype=torch.float64, device=n.device),
             n.sum(dims).double(), (n * n).sum(dims).double()]
     if z is not None:
         rows += [z.sum(dims).double(), (z * z).sum(dims).double(), (n * z).sum(dims).double()]

@@ -30,15 +30,15 @@ def fold_output_channels(weight, bias, s, t, *, transposed: bool, groups: int):
 
     ``weight`` is (out, in/groups, *k) for conv and linear, (in, out/groups, *k) for transposed conv.
     """
-    w = weight.detach().double()
+    w = weight.detach()  # times the float64 s below: the product is taken, exactly, in float64 in one pass
     if transposed:
         in_ch, out_per_group = w.shape[0], w.shape[1]
         k = w.shape[2:]
         w = w.reshape(groups, in_ch // groups, out_per_group, *k)
-        w = w * s.reshape(groups, 1, out_per_group, *([1] * len(k)))
+        w = w * s.double().reshape(groups, 1, out_per_group, *([1] * len(k)))
         w = w.reshape(in_ch, out_per_group, *k)
     else:
-        w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+        w = w * s.double().reshape(-1, *([1] * (w.ndim - 1)))
     b = t.clone() if bias is None else bias.detach().double() * s + t
     return w, b
 

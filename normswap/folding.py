@@ -284,7 +284,7 @@ def write_folded_into_input(module: nn.Module, s: torch.Tensor, t: torch.Tensor)
 def _store(module: nn.Module, weight: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
     """Write float64 results into ``weight`` and the module's bias (created if it had none), in their dtypes."""
     with torch.no_grad():
-        weight.copy_(w.to(weight.dtype))
+        weight.copy_(w)  # cast to the weight's dtype inside the copy, rounding once
         if module.bias is None:
             module.bias = nn.Parameter(b.to(device=weight.device, dtype=weight.dtype),
                                        requires_grad=weight.requires_grad)

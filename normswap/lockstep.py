@@ -13,8 +13,11 @@ import torch
 from .errors import NormswapError
 
 
-class Stop(Exception):
-    """Ends a batch's forward early (a partial pass, or an aborted run)."""
+class Stop(BaseException):
+    """Ends a batch's forward early (a partial pass, or an aborted run).
+
+    A BaseException, so a model's own ``except Exception`` cannot swallow it and run on.
+    """
 
 
 class Lockstep:
@@ -52,6 +55,8 @@ class Lockstep:
 
     def wait_at(self, key, payload) -> None:
         """Called from a hook in a batch's thread: report ``payload`` at ``key``, then sleep until resumed."""
+        if self.abort:  # never block once the run is over (a forward that swallowed Stop runs on)
+            raise Stop
         i = self.local.index
         self.back.put((i, "bn", (key, payload)))
         self.go[i].acquire()
@@ -60,10 +65,10 @@ class Lockstep:
 
     def rounds(self):
         """Yield (key, [payload per live batch, in batch order]) at each stop; the caller acts, then resumes."""
-        for t in self.threads:
-            t.start()
         live = list(range(len(self.calls)))
         try:
+            for t in self.threads:
+                t.start()
             while live:
                 arrivals = {}
                 for i in live:
@@ -91,4 +96,5 @@ class Lockstep:
                 if t.is_alive():
                     self.go[i].release()
             for t in self.threads:
-                t.join()
+                if t.ident is not None:  # started
+                    t.join()

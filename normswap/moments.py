@@ -34,7 +34,7 @@ class Moments:
 
     def to_tensor(self) -> torch.Tensor:
         """(2·C + 1,) float64: [n, mean..., M2...], for collectives."""
-        return torch.cat([torch.tensor([self.n], dtype=torch.float64), self.mean, self.m2])
+        return torch.cat([torch.tensor([self.n], dtype=torch.float64, device=self.mean.device), self.mean, self.m2])
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "Moments":
@@ -49,6 +49,9 @@ def chunk_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     if n == 0:
         zeros = torch.zeros(x.shape[channel_dim], dtype=torch.float64)
         return Moments(0.0, zeros, zeros.clone())
+    x = x.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # sums of thousands of squares overflow float16
     mean = x.mean(dim=dims, keepdim=True)  # two passes, in x's dtype: faster on CPU than var_mean here
     m2 = (x - mean).square().sum(dim=dims)
     return Moments(float(n), mean.flatten().double(), m2.double())

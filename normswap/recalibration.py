@@ -165,11 +165,12 @@ def _progress(enabled: bool, total: int, what: str):
     return run()
 
 
-def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int, dict, set]:
+def _one_pass(model, targets, data: list[tuple], group, show: bool, notes: list[str]) -> tuple[int, dict, set]:
     """Every batch in flight, in lockstep: each BN is set from all of its input right before it normalizes."""
     calls: dict[nn.Module, int] = {}
     per_call: dict[nn.Module, list[Moments]] = {}
     fixed: set[nn.Module] = set()  # shared BNs held at the previous pass's statistics
+    unconverged = notes
 
     def run_pass(bar) -> None:
         counts: dict[tuple[int, nn.Module], int] = {}
@@ -190,6 +191,7 @@ def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int
                 if bar is not None:
                     bar[0].advance(bar[1])
 
+    converged = False
     with _progress(show, len(targets), "recalibrating BatchNorm") as bar:
         run_pass(bar)
         passes = 1
@@ -197,7 +199,8 @@ def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int
         # A BN called more than once sees, in later calls, data it normalized itself: a fixed point.
         while shared and passes < MAX_FIXED_POINT_PASSES:
             before = {m: m.running_mean.clone() for m in shared}
-            scale = {m: m.running_var.sqrt().clamp_min(1e-12).max() for m in shared}
+            before_var = {m: m.running_var.clone() for m in shared}
+            scale = {m: m.running_var.sqrt().clamp_min(1e-12) for m in shared}
             for m in shared:
                 _set(m, combine_all(per_call[m]))
             fixed = shared
@@ -206,12 +209,17 @@ def _one_pass(model, targets, data: list[tuple], group, show: bool) -> tuple[int
             passes += 1
             for m in shared:
                 _set(m, combine_all(per_call[m]))
-            if max(((m.running_mean - before[m]).abs().max() / scale[m]).item() for m in shared) < 1e-6:
+            if max(((m.running_mean - before[m]).abs() / scale[m]).max().item() +
+                   ((m.running_var - before_var[m]).abs() / before_var[m].clamp_min(1e-12)).max().item()
+                   for m in shared) < 1e-6:
+                converged = True
                 break
+    if shared and not converged:
+        unconverged.append(f"did not settle within {MAX_FIXED_POINT_PASSES} passes")
     return passes, calls, shared
 
 
-def _per_layer(model, targets, data: list[tuple], group, show: bool) -> tuple[int, dict, set]:
+def _per_layer(model, targets, data: list[tuple], group, show: bool, notes: list[str]) -> tuple[int, dict, set]:
     """One partial pass per BN: every batch runs up to the first BN not yet done, which is then set."""
     done: set[nn.Module] = set()
     calls: dict[nn.Module, int] = {}
@@ -221,17 +229,27 @@ def _per_layer(model, targets, data: list[tuple], group, show: bool) -> tuple[in
             current: list[nn.Module] = []
             parts: list[Moments] = []
 
+            seen: dict[nn.Module, int] = {}
+
             def hook(module, args):
+                seen[module] = seen.get(module, 0) + 1
                 if module in done:
+                    if seen[module] > 1:
+                        raise NormswapError(f"BatchNorm '{targets[module]}' is called more than once per forward, "
+                                            "which one partial pass per BN cannot pool exactly",
+                                            fix="raise max_samples to at least the number of samples, so it "
+                                                "runs in one pass (which iterates such a BN to a fixed point)")
                     return
                 if current and module is not current[0]:
-                    raise Stop
+                    raise NormswapError("batches take different paths through the model: they reach different "
+                                        "BatchNorms first", fix="recalibrate with batches the model treats alike")
                 current[:1] = [module]
                 parts.append(chunk_moments(args[0], 1))
                 raise Stop
 
-            with _hooks(targets, hook):
+            with _hooks(targets, hook), torch.no_grad():
                 for batch in data:
+                    seen.clear()
                     try:
                         model(*batch)
                     except Stop:
@@ -273,7 +291,7 @@ def recalibrate(
         raise InputSpecError(f"max_samples must be a positive integer, got {max_samples!r}")
     data = _batches(batches)
     rank, world = _world(group)
-    if _all_min(len(data), group) == 0:
+    if _all_min(sum(int(b[0].shape[0]) for b in data), group) == 0:
         raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if world > 1 else ""),
                              fix="give at least one batch to every process")
     from .engine import copy_model
@@ -287,7 +305,8 @@ def recalibrate(
     work.eval()
     try:
         run = _one_pass if one_pass else _per_layer
-        passes, calls, shared = run(work, targets, data, group, progress and rank == 0)
+        run_notes: list[str] = []
+        passes, calls, shared = run(work, targets, data, group, progress and rank == 0, run_notes)
     except NormswapError:
         raise
     except Exception as e:
@@ -307,8 +326,10 @@ def recalibrate(
                                             (m.running_var.double() / old_var.double().clamp_min(1e-12)).max().item()]})
     report.skipped = skipped
     if shared:
+        settled = f"iterated to a fixed point ({passes} passes)" if not run_notes else (
+            f"iterated for {passes} passes but {run_notes[0]}: approximate")
         report.notes.append(f"{len(shared)} BatchNorm(s) are called more than once per forward; their statistics "
-                            f"pool every call and were iterated to a fixed point ({passes} passes)")
+                            f"pool every call and were {settled}")
     if not one_pass:
         report.notes.append(f"one partial pass per BatchNorm ({local} samples in this process exceed "
                             f"max_samples={max_samples}): exact, but slower than one pass")

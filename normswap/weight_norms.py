@@ -27,8 +27,20 @@ def _weight_dim(module: nn.Module) -> int:
     return 1 if getattr(module, "transposed", False) else 0
 
 
+def legacy_hooks(module: nn.Module) -> list[str]:
+    """Names of torch's old hook-based spectral/weight norms on ``module`` (torch.nn.utils.spectral_norm, ...)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    kinds = {SpectralNorm: "spectral norm", WeightNorm: "weight norm"}
+    return [kinds[type(h)] for h in module._forward_pre_hooks.values() if type(h) in kinds]
+
+
 def _private_copy(ctx, what: str) -> nn.Module:
     old = ctx.module
+    if legacy_hooks(old):
+        raise SkipLayer(f"it already has torch's legacy {legacy_hooks(old)[0]} hook; bake it first (normswap bake) "
+                        "or load its weights into a plain model (normswap migrate renames the keys)")
     if getattr(old, "weight", None) is None or not isinstance(old.weight, torch.Tensor):
         raise SkipLayer(f"{type(old).__name__} has no weight to apply {what} to")
     if parametrize.is_parametrized(old, "weight"):
@@ -121,6 +133,11 @@ def cosine_norm(ctx) -> Built:
 )
 def bake_layer(ctx) -> Built:
     old = ctx.module
+    legacy = legacy_hooks(old)
+    if legacy:
+        return Built(_remove_legacy(copy.deepcopy(old)), [f"baked torch's legacy {', '.join(legacy)} hook"],
+                     {"weight_orig": "weight", "weight_v": "weight"} if "weight_orig" in dict(old.named_parameters())
+                     or "weight_v" in dict(old.named_parameters()) else {})
     if not parametrize.is_parametrized(old):
         raise SkipLayer("not parametrized", quiet=True)
     names = list(old.parametrizations.keys())
@@ -149,6 +166,24 @@ def bake(module: nn.Module) -> nn.Module:
     for key, hook in list(module._load_state_dict_pre_hooks.items()):
         if "_weight_norm_compat_hook" in getattr(getattr(hook, "hook", hook), "__qualname__", ""):
             del module._load_state_dict_pre_hooks[key]
+    module.train(was)
+    return module
+
+
+def _remove_legacy(module: nn.Module) -> nn.Module:
+    """Remove the old hooks from a private copy, leaving the weight they compute (eval: no power iteration)."""
+    from torch.nn.utils import remove_spectral_norm, remove_weight_norm
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    was = module.training
+    module.eval()
+    with torch.no_grad():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, SpectralNorm):
+                remove_spectral_norm(module, hook.name)
+            elif isinstance(hook, WeightNorm):
+                remove_weight_norm(module, hook.name)
     module.train(was)
     return module
 

@@ -309,3 +309,32 @@ def test_batches_taking_different_paths_are_refused():
         normswap.recalibrate(Branchy(), batches)
     out, report = normswap.recalibrate(Branchy(), batches[:1], return_report=True)  # one path: fine
     assert [r["path"] for r in report.layers] == ["a"] and report.skipped[0]["path"] == "b"
+
+
+class Swallowing(nn.Module):
+    """A forward that catches every Exception around a layer (as some model code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1, self.b2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        try:
+            if x.shape[0] == 1:
+                raise ValueError("this batch fails before b1")
+            x = self.b1(x)
+        except Exception:  # noqa: BLE001
+            pass
+        return self.b2(x)
+
+
+def test_a_forward_that_swallows_exceptions_cannot_hang_the_lockstep():
+    with pytest.raises(NormswapError, match="different paths"):
+        normswap.recalibrate(Swallowing(), [torch.randn(4, 3, 5, 5), torch.randn(1, 3, 5, 5)])
+
+
+def test_half_precision_statistics_do_not_overflow():
+    from normswap.moments import chunk_moments
+
+    m = chunk_moments(torch.randn(32, 4, 56, 56).half() * 4)
+    assert torch.isfinite(m.m2).all() and abs(m.variance.mean().item() - 16) < 1

@@ -353,3 +353,19 @@ def test_rule_when_is_validated(when, needle):
 def test_rule_when_parameter_must_be_boolean():
     with pytest.raises(RecipeError, match="'drop_batchnorm' is used as the rule's 'when', so it must be true or false"):
         normswap.recipe("spectral_norm", drop_batchnorm="yes")
+
+
+def test_bake_removes_legacy_hooks_and_spectral_norm_refuses_them():
+    torch.manual_seed(0)
+    old = legacy_discriminator().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        want = old(x)
+    baked, report = normswap.bake(old, input_size=(2, 1, 8, 8), return_report=True)
+    assert all(not m._forward_pre_hooks for m in baked.modules())
+    assert "legacy spectral norm hook" in report.changes[0]["notes"][0]
+    with torch.no_grad():
+        assert torch.allclose(baked(x), want, rtol=1e-6, atol=1e-7)
+    again, rep = normswap.apply(old, {"version": 1, "rules": [{"match": {"family": ["conv", "linear"]},
+                                                                "replace": "spectral_norm"}]}, return_report=True)
+    assert rep.changes == [] and "legacy spectral norm hook" in rep.skipped[0]["reason"]
