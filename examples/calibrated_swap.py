@@ -15,18 +15,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import normswap
 import normswap.calibration
-from domain_shift import DigitsNet
-
-
-def accuracy(model, x, y) -> float:
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+from digits import DigitsNet, accuracy, load_split, train
 
 
 def main(argv=None) -> int:
@@ -36,19 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/calibrated_swap.png")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        model.train()
-        for idx in torch.randperm(len(x_train)).split(64):
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    x_train, x_test, y_train, y_test = load_split()
+    model = train(DigitsNet(), x_train, y_train, 8)
     print(f"BatchNorm net, test accuracy {accuracy(model, x_test, y_test):.3f}")
     plain = normswap.apply(model, "bn_to_gn")
     fitted, report = normswap.apply(model, "bn_to_gn", calibration=list(x_train[:256].split(32)), return_report=True)

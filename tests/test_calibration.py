@@ -7,37 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 import normswap
 from normswap.cli import main
 from normswap.errors import NormswapError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from domain_shift import DigitsNet  # noqa: E402  (a small BN conv net for 8x8 digits)
+from digits import DigitsNet, load_split, train  # noqa: E402  (a small BN conv net for 8x8 digits)
 
 
 @pytest.fixture(scope="module")
 def digits():
     """A BN conv net trained on scikit-learn's digits (a second or two), with its data."""
     torch.manual_seed(0)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    model = DigitsNet()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(8):
-        model.train()
-        for idx in torch.randperm(len(x_train)).split(64):
-            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model, x_train, x_test, y_test
+    x_train, x_test, y_train, y_test = load_split()
+    return train(DigitsNet(), x_train, y_train, 8), x_train, x_test, y_test
 
 
 def scores(model, reference, x, y):
@@ -153,12 +137,12 @@ def test_cli_calibrate_tensors(digits, tmp_path, capsys):
     torch.save(model.state_dict(), sd)
     torch.save(list(x_train[:256].split(32)), data)
     out = tmp_path / "gn.safetensors"
-    assert main(["apply", "bn_to_ln", str(sd), "--arch", "domain_shift:DigitsNet", "--calibrate-tensors", str(data),
+    assert main(["apply", "bn_to_ln", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors", str(data),
                  "-o", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["calibration"]["layers"]) == 3 and res["check"]["ok"]
     reloaded = normswap.load(out)
     assert scores(reloaded, model, x_test, model(x_test).argmax(1))[1] >= 0.99
-    assert main(["apply", "bn_to_gn", str(sd), "--arch", "domain_shift:DigitsNet", "--calibrate-tensors",
+    assert main(["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors",
                  str(tmp_path / "nope.pt"), "-o", str(tmp_path / "x.pt")]) == 2
     assert "input file" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
