@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,8 +59,8 @@ class CalibrationReport:
         out = [f"calibration ({self.fit}): {len(self.layers)} layer(s) fitted on {self.batches - self.held_back} "
                f"batch(es), {self.held_back} held back"]
         if self.layers:
-            before = _median([r["error_before"] for r in self.layers])
-            after = _median([r["error_after"] for r in self.layers])
+            before = statistics.median_high(r["error_before"] for r in self.layers)
+            after = statistics.median_high(r["error_after"] for r in self.layers)
             out.append(f"  layer output error vs the original BN (median): {before:.3g} -> {after:.3g}")
         f = self.fidelity
         if f:
@@ -71,11 +72,6 @@ class CalibrationReport:
         out += [f"  not calibrated: {s['path']}: {s['reason']}" for s in self.skipped]
         out += [f"  note: {n}" for n in self.notes]
         return out
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if values else 0.0
 
 
 def normalizer(module: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], int] | None:
@@ -151,14 +147,11 @@ def _error(s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> float:
 
 
 def _outputs(model: nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
-    from torch.utils import _pytree as pytree
+    """The first output tensor for each batch, in float64 (what the fidelity figures compare)."""
+    from .check import _leaves
 
-    out = []
     with torch.no_grad():
-        for b in batches:
-            leaves = [x for x in pytree.tree_leaves(model(*b)) if isinstance(x, torch.Tensor)]
-            out.append(leaves[0].detach().double())
-    return out
+        return [_leaves(model(*b))[0][0].detach().double() for b in batches]
 
 
 def _fidelity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float | None]:
@@ -261,6 +254,7 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
         if t is not None:
             step.wait_at(t["path"], t["norm"](args[0]))
 
+    by_path = {t["path"]: m for m, t in targets.items()}
     handles = [m.register_forward_pre_hook(at_original) for m in by_old]
     handles += [m.register_forward_pre_hook(at_candidate) for m in targets]
     half = len(data)
@@ -269,7 +263,7 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
             if len(parts) != 2 * half:
                 raise NormswapError(f"the original and the swapped model reach {path} a different number of times",
                                     fix="exclude that layer from the rule")
-            module = next(m for m, t in targets.items() if t["path"] == path)
+            module = by_path[path]
             t = targets[module]
             s = _all_reduce(sum(_sums(n, z, t["axis"]) for z, n in zip(parts[:half], parts[half:])), group)
             gamma, beta = _fit(s, s[[0, 3, 4]], fit)

@@ -100,23 +100,14 @@ def _world(group) -> tuple[int, int]:
     return 0, 1
 
 
-def _all_min(value: int, group) -> int:
+def _all_reduce_int(value: int, group, op: str = "sum") -> int:
+    """``value`` summed (or its minimum taken) over every process; itself on one process."""
     import torch.distributed as dist
 
     if _world(group)[1] == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
-
-
-def _all_sum(value: int, group) -> int:
-    import torch.distributed as dist
-
-    if _world(group)[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, group=group)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=group)
     return int(t.item())
 
 
@@ -254,7 +245,7 @@ def _per_layer(model, targets, data: list[tuple], group, show: bool, notes: list
                         model(*batch)
                     except Stop:
                         pass
-            reached = _all_min(1 if current else 0, group)
+            reached = _all_reduce_int(1 if current else 0, group, "min")
             if not reached:
                 break
             passes += 1
@@ -291,7 +282,7 @@ def recalibrate(
         raise InputSpecError(f"max_samples must be a positive integer, got {max_samples!r}")
     data = _batches(batches)
     rank, world = _world(group)
-    if _all_min(sum(int(b[0].shape[0]) for b in data), group) == 0:
+    if _all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
         raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if world > 1 else ""),
                              fix="give at least one batch to every process")
     from .engine import copy_model
@@ -299,9 +290,9 @@ def recalibrate(
     work = copy_model(model)
     targets, skipped = _targets(work)
     local = sum(int(b[0].shape[0]) for b in data)
-    samples = _all_sum(local, group)
+    samples = _all_reduce_int(local, group)
     one_pass = local <= max_samples
-    one_pass = bool(_all_min(int(one_pass), group))
+    one_pass = bool(_all_reduce_int(int(one_pass), group, "min"))
     work.eval()
     try:
         run = _one_pass if one_pass else _per_layer

@@ -135,9 +135,9 @@ def bake_layer(ctx) -> Built:
     old = ctx.module
     legacy = legacy_hooks(old)
     if legacy:
-        return Built(_remove_legacy(copy.deepcopy(old)), [f"baked torch's legacy {', '.join(legacy)} hook"],
-                     {"weight_orig": "weight", "weight_v": "weight"} if "weight_orig" in dict(old.named_parameters())
-                     or "weight_v" in dict(old.named_parameters()) else {})
+        own = dict(old.named_parameters())  # the tensor the weight was computed from becomes the weight
+        carried = {name: "weight" for name in ("weight_orig", "weight_v") if name in own}
+        return Built(_remove_legacy(copy.deepcopy(old)), [f"baked torch's legacy {', '.join(legacy)} hook"], carried)
     if not parametrize.is_parametrized(old):
         raise SkipLayer("not parametrized", quiet=True)
     names = list(old.parametrizations.keys())
