@@ -32,6 +32,7 @@ def apply(
     input_size: tuple[int, ...] | None = None,
     calibration: Any = None,
     calibration_fit: str = "least_squares",
+    calibration_groups: str | float = "keep",
     low_memory: bool = False,
     **params: Any,
 ):
@@ -49,7 +50,7 @@ def apply(
     (``normswap.calibration``; ``calibration_fit`` picks the fit); the report's
     ``calibration`` entry says how much of the original function survived.
     """
-    from .calibration import calibrate, swaps_to_calibrate
+    from .calibration import calibrate, group_candidates, swaps_to_calibrate
 
     if calibration is not None:
         calibration = list(calibration)
@@ -70,7 +71,9 @@ def apply(
     swaps = swaps_to_calibrate(p, calibration is not None)
     if swaps:  # fitted on a private copy holding the prepared layers, before anything touches the caller's model
         work = engine.copied_with(model, p)
-        report.calibration = calibrate(model, work, swaps, calibration, fit=calibration_fit).to_json()
+        groups, tolerance = group_candidates(p, swaps, calibration_groups)
+        report.calibration = calibrate(model, work, swaps, calibration, fit=calibration_fit, groups=groups,
+                                       tolerance=tolerance).to_json()
     if inplace:
         target, undo = model, engine.commit(model, p)
     else:

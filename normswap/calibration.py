@@ -21,6 +21,7 @@ Measured in ``docs/calibration.md``: least squares keeps more of the function.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import statistics
@@ -38,6 +39,7 @@ from .lockstep import Lockstep
 from .metrics import channel_affine, cosine, looks_like_logits, top1_matches
 
 FITS = ("least_squares", "moments")
+GROUP_TOLERANCE = 0.005  # calibration_groups="auto": own error within this of the best count's (see docs)
 SMALL_GROUP = 3  # channels per group at or below which a GroupNorm is close to InstanceNorm
 
 
@@ -50,10 +52,12 @@ class CalibrationReport:
     skipped: list[dict] = field(default_factory=list)
     fidelity: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    group_tolerance: float | None = None  # set when calibration chose the group counts
 
     def to_json(self) -> dict:
         return {"fit": self.fit, "batches": self.batches, "held_back": self.held_back, "layers": self.layers,
-                "skipped": self.skipped, "fidelity": self.fidelity, "notes": self.notes}
+                "skipped": self.skipped, "fidelity": self.fidelity, "notes": self.notes,
+                "group_tolerance": self.group_tolerance}
 
     def lines(self) -> list[str]:
         out = [f"calibration ({self.fit}): {len(self.layers)} layer(s) fitted on {self.batches - self.held_back} "
@@ -62,6 +66,14 @@ class CalibrationReport:
             before = statistics.median_high(r["error_before"] for r in self.layers)
             after = statistics.median_high(r["error_after"] for r in self.layers)
             out.append(f"  layer output error vs the original BN (median): {before:.3g} -> {after:.3g}")
+        chosen = [r for r in self.layers if "groups_built" in r]
+        if chosen:
+            fewer = [r for r in chosen if r["groups"] < r["groups_built"]]
+            text = (f"  group counts chosen (own error within {self.group_tolerance:g} of the best count's): "
+                    f"{len(fewer)} of {len(chosen)} GroupNorm layer(s) took fewer groups than the recipe built")
+            if fewer:
+                text += f", e.g. {fewer[0]['path']} {fewer[0]['groups_built']} -> {fewer[0]['groups']}"
+            out.append(text)
         f = self.fidelity
         if f:
             text = f"  held-back fidelity: cosine {f['cosine_before']:.4f} -> {f['cosine_after']:.4f}"
@@ -139,6 +151,34 @@ def _fit(s: torch.Tensor, target: torch.Tensor, fit: str) -> tuple[torch.Tensor,
     return gamma, m_z - gamma * m_n
 
 
+def _group_sums(x: torch.Tensor, z: torch.Tensor, counts: list[int], eps: float) -> torch.Tensor:
+    """[K, 6, C]: for each group count, the rows ``_sums`` gives for GroupNorm(count)(x) (no affine) against z.
+
+    From per-sample, per-channel moments of x and sums of z and x·z, taken once:
+    a group's mean and variance follow from its channels' (the variance as the
+    mean within-channel variance plus the spread of the channel means), so each
+    candidate count costs O(N·C), not another pass over the layer's output.
+    """
+    b, c = x.shape[:2]
+    x, z = x.reshape(b, c, -1), z.reshape(b, c, -1)
+    if x.dtype in (torch.float16, torch.bfloat16):  # sums of squares overflow float16
+        x, z = x.float(), z.float()
+    size = x.shape[2]
+    var, mean = torch.var_mean(x, dim=2, correction=0)
+    mean, var = mean.double(), var.double()
+    sz, szz, sxz = z.sum(2).double(), (z * z).sum(2).double(), (x * z).sum(2).double()
+    count = torch.full((c,), float(b * size), dtype=torch.float64, device=x.device)
+    rows = []
+    for g in counts:
+        m = mean.view(b, g, c // g)
+        mu = m.mean(2, keepdim=True)
+        inv = ((var.view(b, g, c // g) + (m - mu).square()).mean(2, keepdim=True) + eps).rsqrt()
+        dm, mu, inv = (m - mu).reshape(b, c), mu.expand_as(m).reshape(b, c), inv.expand_as(m).reshape(b, c)
+        rows.append(torch.stack([count, (size * dm * inv).sum(0), (size * (var + dm.square()) * inv.square()).sum(0),
+                                 sz.sum(0), szz.sum(0), ((sxz - mu * sz) * inv).sum(0)]))
+    return torch.stack(rows)
+
+
 def _error(s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> float:
     """‖γ·n + β − z‖ / ‖z‖ over all channels, from the paired sums (z: the original network's BN output)."""
     count, sn, snn, sz, szz, snz = s
@@ -179,8 +219,64 @@ def swaps_to_calibrate(plan, have_data: bool) -> dict[str, nn.Module]:
     return swaps
 
 
+def group_candidates(plan, swaps: dict[str, nn.Module], mode: str | float = "keep") -> tuple[dict[str, list[int]], float]:
+    """(path -> the group counts calibration may choose from, most groups first; the tolerance).
+
+    ``mode``: ``"keep"``: no choice, each layer keeps the count the rule built.
+    ``"auto"`` or a number (the tolerance; ``"auto"`` is ``GROUP_TOLERANCE``):
+    every count that divides the channels, keeps the rule's ``min_group_size``
+    and is at most the count the rule built; a count set by ``groups_by_path``
+    is kept. The most groups whose own fitted error is within the tolerance of
+    the best count's is taken (``_choose_groups``).
+    """
+    from .grouping import valid_group_counts
+    from .match import glob_match
+    from .registry import normalise
+
+    if mode == "keep":
+        return {}, GROUP_TOLERANCE
+    if mode == "auto":
+        tolerance = GROUP_TOLERANCE
+    elif isinstance(mode, (int, float)) and not isinstance(mode, bool) and math.isfinite(mode) and mode >= 0:
+        tolerance = float(mode)
+    else:
+        raise InputSpecError(f"unknown calibration group mode {mode!r}",
+                             fix="use 'keep', 'auto' or a tolerance >= 0 (e.g. 0.005)")
+    options = plan.recipe.resolved_options()
+    out = {}
+    for ch in plan.changes:
+        if ch.path not in swaps or normalise(ch.rule.replace) != normalise("group_norm"):
+            continue
+        opts = options[next(i for i, r in enumerate(plan.recipe.rules) if r is ch.rule)]
+        built, channels = ch.new.num_groups, ch.new.num_channels
+        if any(glob_match(g, p) for g in opts.get("groups_by_path") or {} for p in [ch.path, *ch.aliases]):
+            out[ch.path] = [built]
+            continue
+        out[ch.path] = sorted((g for g in valid_group_counts(channels, opts["min_group_size"]) if g <= built),
+                              reverse=True) or [built]
+    return out, tolerance
+
+
+def with_chosen_groups(recipe_data: dict, plan, calibration: dict | None) -> dict:
+    """The recipe as data with each group count calibration chose written into its rule's ``groups_by_path``,
+    so replaying it (a .safetensors sidecar) rebuilds the layers calibration left."""
+    chosen = {r["path"]: r["groups"] for r in (calibration or {}).get("layers", [])
+              if "groups_built" in r and r["groups"] != r["groups_built"]}
+    if not chosen:
+        return recipe_data
+    data = copy.deepcopy(recipe_data)
+    for ch in plan.changes:
+        if ch.path in chosen:
+            i = next(i for i, r in enumerate(plan.recipe.rules) if r is ch.rule)
+            opts = data["rules"][i].setdefault("with", {})
+            given = opts.get("groups_by_path")
+            opts["groups_by_path"] = {**(given if isinstance(given, dict) else {}), ch.path: chosen[ch.path]}
+    return data
+
+
 def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Module], batches: list[Any], *,
-              fit: str = "least_squares", group=None) -> CalibrationReport:
+              fit: str = "least_squares", groups: dict[str, list[int]] | None = None,
+              tolerance: float = GROUP_TOLERANCE, group=None) -> CalibrationReport:
     """Fit the affine of each new layer of ``candidate`` in place (see the module docstring).
 
     ``swaps``: path -> the original layer it replaced. ``original`` is only read.
@@ -197,7 +293,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
                              fix="pass calibration=[x1, x2, ...] (or --calibrate-data / --calibrate-tensors)")
     held = max(1, math.ceil(len(data) / 8)) if len(data) >= 2 else 0
     fit_on, held_back = data[: len(data) - held], data[len(data) - held:]
-    report = CalibrationReport(fit, len(data), held)
+    report = CalibrationReport(fit, len(data), held, group_tolerance=tolerance if groups else None)
     targets: dict[nn.Module, dict] = {}
     for path, old in swaps.items():
         new = candidate.get_submodule(path)
@@ -207,7 +303,13 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
                    f"{type(new).__name__} has no per-channel affine to fit")
             report.skipped.append({"path": path, "reason": why})
             continue
-        targets[new] = {"path": path, "old": old, "norm": norm[0], "axis": norm[1], "bn": bn}
+        counts = None
+        if family_of(new) == "groupnorm":
+            counts = (groups or {}).get(path) or [new.num_groups]
+            if new.num_groups not in counts:
+                counts = [new.num_groups]
+        targets[new] = {"path": path, "old": old, "norm": norm[0], "axis": norm[1], "bn": bn, "counts": counts,
+                        "tolerance": tolerance}
     if not targets:
         report.notes.append("no swapped layer can be calibrated")
         return report
@@ -239,7 +341,11 @@ def _run(original, candidate, targets, fit_on, held_back, fit, group, report) ->
 
 def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> None:
     """Both networks, every batch, in lockstep: at each swapped layer the original network's BN output z and
-    the candidate's normalized input n are paired sample by sample, the layer is fitted, and all go on."""
+    the candidate's normalized input n are paired sample by sample, the layer is fitted, and all go on.
+
+    A GroupNorm sends its raw input instead, and is fitted from per-sample channel moments for each of its
+    candidate group counts (``_group_sums``); the count kept is ``_choose_groups``'s.
+    """
     by_old = {t["old"]: t for t in targets.values()}
     calls = [functools.partial(original, *b) for b in data] + [functools.partial(candidate, *b) for b in data]
     step = Lockstep(calls)
@@ -247,12 +353,13 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
     def at_original(module, args):
         t = by_old.get(module)
         if t is not None:
-            step.wait_at(t["path"], t["bn"](args[0]))
+            z = t["bn"](args[0])
+            step.wait_at(t["path"], (z, args[0]) if len(t["counts"] or ()) > 1 else (z, None))
 
     def at_candidate(module, args):
         t = targets.get(module)
         if t is not None:
-            step.wait_at(t["path"], t["norm"](args[0]))
+            step.wait_at(t["path"], args[0] if t["counts"] else t["norm"](args[0]))
 
     by_path = {t["path"]: m for m, t in targets.items()}
     handles = [m.register_forward_pre_hook(at_original) for m in by_old]
@@ -265,13 +372,35 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
                                     fix="exclude that layer from the rule")
             module = by_path[path]
             t = targets[module]
-            s = _all_reduce(sum(_sums(n, z, t["axis"]) for z, n in zip(parts[:half], parts[half:])), group)
-            gamma, beta = _fit(s, s[[0, 3, 4]], fit)
+            pairs = [(z, n) for (z, _), n in zip(parts[:half], parts[half:])]
             carried_w, carried_b = module.weight.detach().double(), module.bias.detach().double()
-            row = {"path": path, "class": type(module).__name__, "error_before": _error(s, carried_w, carried_b),
-                   "error_after": _error(s, gamma, beta)}
-            groups = getattr(module, "num_groups", None)
+            row = {"path": path, "class": type(module).__name__}
+            if t["counts"]:
+                counts = t["counts"]
+                eps = float(module.eps)
+                s_all = _all_reduce(sum(_group_sums(n, z, counts, eps) for z, n in pairs), group)
+                fits = [_fit(s, s[[0, 3, 4]], fit) for s in s_all]
+                errors = [_error(s, g, b) for s, (g, b) in zip(s_all, fits)]
+                k = 0
+                if len(counts) > 1:  # chosen on the layer's own error: on the original network's input
+                    own_s = _all_reduce(sum(_group_sums(x, z, counts, eps) for z, x in parts[:half]), group)
+                    own = [_error(s, *_fit(s, s[[0, 3, 4]], fit)) for s in own_s]
+                    k = _choose_groups(own, t["tolerance"])
+                    row["own_error_by_groups"] = {str(g): e for g, e in zip(counts, own)}  # what the choice read
+                built = counts.index(module.num_groups)
+                row["error_before"] = _error(s_all[built], carried_w, carried_b)
+                row["error_after"] = errors[k]
+                (gamma, beta), groups = fits[k], counts[k]
+                if len(counts) > 1:
+                    row["groups_built"] = module.num_groups
+                module.num_groups = groups
+            else:
+                s = _all_reduce(sum(_sums(n, z, t["axis"]) for z, n in pairs), group)
+                gamma, beta = _fit(s, s[[0, 3, 4]], fit)
+                row["error_before"], row["error_after"] = _error(s, carried_w, carried_b), _error(s, gamma, beta)
+                groups = getattr(module, "num_groups", None)
             if groups:
+                row["groups"] = groups
                 row["group_size"] = module.num_channels // groups
                 if row["group_size"] <= SMALL_GROUP:
                     row["warning"] = (f"{row['group_size']} channel(s) per group is close to InstanceNorm: calibration "
@@ -284,6 +413,13 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
     finally:
         for h in handles:
             h.remove()
+
+
+def _choose_groups(errors: list[float], tolerance: float) -> int:
+    """Index of the most groups (``errors`` is ordered from most groups to fewest) whose fitted error is within
+    ``tolerance`` of the best one's: ``error <= best + tolerance``."""
+    best = min(errors)
+    return next(i for i, e in enumerate(errors) if e <= best + tolerance)
 
 
 def _explain(report: CalibrationReport, targets: dict) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from . import __version__, engine
-from .calibration import calibrate, swaps_to_calibrate
+from .calibration import calibrate, group_candidates, swaps_to_calibrate, with_chosen_groups
 from .check import check as run_check
 from .errors import InputSpecError, NormswapError
 from .export import format_for
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-limit", type=int, help="use at most this many images from --calibrate-data")
     p.add_argument("--calibrate-fit", choices=("least_squares", "moments"), default="least_squares",
                    help="how each layer is fitted (default least_squares; see docs/calibration.md)")
+    p.add_argument("--calibrate-groups", type=_group_mode, default="keep", metavar="keep|auto|TOL",
+                   help="GroupNorm group counts: keep the recipe's (default), or per layer the most groups whose "
+                        "fitted error is within TOL (auto: 0.005) of the best count's (see docs/calibration.md)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("fold", help="fold BatchNorm into the conv/linear layers next to it, for deployment")
@@ -202,7 +205,9 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
     model = engine.copied_with(loaded.model, plan)
     swaps = swaps_to_calibrate(plan, batches is not None)
     if swaps:
-        report.calibration = calibrate(loaded.model, model, swaps, batches, fit=args.calibrate_fit).to_json()
+        groups, tolerance = group_candidates(plan, swaps, args.calibrate_groups)
+        report.calibration = calibrate(loaded.model, model, swaps, batches, fit=args.calibrate_fit, groups=groups,
+                                       tolerance=tolerance).to_json()
     status = 0
     if recipe.check != "none" and not args.no_check:
         result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size, fold_map=plan.links)
@@ -223,7 +228,8 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
             report.notes.append(f"the exported {export} model differs from PyTorch's output "
                                 f"(max rel {exported.max_rel:.2e})")
     if status == 0:
-        step = {"recipe": recipe.to_data(), "layers": {ch.path: ch.new_type for ch in plan.changes}}
+        step = {"recipe": with_chosen_groups(recipe.to_data(), plan, report.calibration),
+                "layers": {ch.path: ch.new_type for ch in plan.changes}}
         if eval_mode:
             step["eval_mode"] = True  # a replay must fold the same BNs, which only fold in eval mode
         save_model(model, out, loaded, [step], report.to_json(), data=data)
@@ -232,6 +238,18 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
         report.notes.append("a check failed: nothing was written")
     _emit(args, report)
     return status
+
+
+def _group_mode(text: str) -> str | float:
+    if text in ("keep", "auto"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not keep, auto or a tolerance") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"tolerance {text!r} must be a number >= 0")
+    return value
 
 
 def _calibration_batches(args, loaded: Loaded, input_size) -> list | None:

@@ -143,6 +143,73 @@ def test_cli_calibrate_tensors(digits, tmp_path, capsys):
     assert len(res["calibration"]["layers"]) == 3 and res["check"]["ok"]
     reloaded = normswap.load(out)
     assert scores(reloaded, model, x_test, model(x_test).argmax(1))[1] >= 0.99
+    assert main(["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors", str(data),
+                 "--calibrate-groups", "0", "-o", str(tmp_path / "auto.safetensors"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["calibration"]["layers"]
+    assert [(r["groups_built"], r["groups"]) for r in rows] == [(4, 1), (8, 1), (16, 1)]
+    assert [m.num_groups for m in normswap.load(tmp_path / "auto.safetensors").modules()
+            if isinstance(m, nn.GroupNorm)] == [1, 1, 1]
+    assert main(["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors", str(data),
+                 "--calibrate-groups", "some", "-o", str(tmp_path / "y.pt")]) == 2
+    assert "not keep, auto or a tolerance" in capsys.readouterr().err
     assert main(["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors",
                  str(tmp_path / "nope.pt"), "-o", str(tmp_path / "x.pt")]) == 2
     assert "input file" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("groups", [1, 3, 6, 24])
+def test_group_sums_from_channel_moments_match_the_normalized_tensor(groups):
+    """The candidate group counts are fitted from per-sample channel moments; they must give the sums of the
+    normalized tensor itself (float64 here, so the two agree to rounding)."""
+    from normswap.calibration import _group_sums, _sums
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 24, 7, 5, generator=gen, dtype=torch.float64) * 3 * torch.rand(1, 24, 1, 1, generator=gen,
+         dtype=torch.float64) + 5 * torch.randn(1, 24, 1, 1, generator=gen, dtype=torch.float64))
+    z = torch.randn(4, 24, 7, 5, generator=gen, dtype=torch.float64) + 0.3 * x
+    got = _group_sums(x, z, [groups], 1e-5)[0]
+    want = _sums(torch.nn.functional.group_norm(x, groups, eps=1e-5), z, 1)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_auto_groups_take_fewer_groups_where_small_ones_lose_the_function(digits):
+    """32 groups with min_group_size 1 makes groups of 1-2 channels; calibration_groups="auto" takes fewer,
+    never more than the recipe built, and keeps more predictions."""
+    model, x_train, x_test, y_test = digits
+    kw = dict(num_groups=32, min_group_size=1, calibration=list(x_train[:256].split(32)), return_report=True)
+    kept, kept_report = normswap.apply(model, "bn_to_gn", **kw)
+    auto, auto_report = normswap.apply(model, "bn_to_gn", calibration_groups="auto", **kw)
+    rows = auto_report.calibration["layers"]
+    assert [r["groups_built"] for r in rows] == [16, 32, 32]
+    assert [r["groups"] for r in rows] == [2, 1, 1]
+    assert all(isinstance(m, nn.GroupNorm) for m in (auto.features[0][1], auto.features[1][1], auto.features[3][1]))
+    assert [m.num_groups for m in (auto.features[0][1], auto.features[1][1], auto.features[3][1])] == [2, 1, 1]
+    for r in rows:  # the chosen count is the most groups within the tolerance of the best count's own error
+        own = r["own_error_by_groups"]
+        assert own[str(r["groups"])] <= min(own.values()) + 0.005
+        assert all(e > min(own.values()) + 0.005 for g, e in own.items() if int(g) > r["groups"])
+    assert not any(r.get("warning") for r in rows) and any(r.get("warning") for r in kept_report.calibration["layers"])
+    assert scores(kept, model, x_test, y_test)[1] <= 0.994
+    assert scores(auto, model, x_test, y_test)[1] >= 0.997
+    assert set(auto.state_dict()) == set(kept.state_dict())
+
+
+def test_auto_groups_keep_min_group_size_and_groups_by_path(digits):
+    model, x_train, _, _ = digits
+    recipe = {"version": 1, "rules": [{"match": {"family": "batchnorm"}, "replace": "group_norm", "with": {
+        "num_groups": 32, "min_group_size": 8, "groups_by_path": {"features.3.1": 16}}}]}
+    _, report = normswap.apply(model, recipe, calibration=list(x_train[:128].split(32)), calibration_groups=0.0,
+                               return_report=True)
+    rows = {r["path"]: r for r in report.calibration["layers"]}
+    assert [rows[p]["groups_built"] for p in ("features.0.1", "features.1.1")] == [2, 4]
+    assert all(r["group_size"] >= 8 for p, r in rows.items() if p != "features.3.1")
+    assert [list(rows[p]["own_error_by_groups"]) for p in ("features.0.1", "features.1.1")] == [["2", "1"],
+                                                                                            ["4", "2", "1"]]
+    for p in ("features.0.1", "features.1.1"):  # tolerance 0: the count with the least own error
+        own = rows[p]["own_error_by_groups"]
+        assert rows[p]["groups"] == int(min(own, key=own.get))
+    assert rows["features.3.1"]["groups"] == 16 and "groups_built" not in rows["features.3.1"]
+    with pytest.raises(NormswapError, match="unknown calibration group mode"):
+        normswap.apply(model, "bn_to_gn", calibration=list(x_train[:64].split(32)), calibration_groups="fewest")
+    with pytest.raises(NormswapError, match="unknown calibration group mode"):
+        normswap.apply(model, "bn_to_gn", calibration=list(x_train[:64].split(32)), calibration_groups=-0.1)
