@@ -2,24 +2,47 @@
 
 A freshly built BN is the identity (γ=1, β=0, μ=0, σ²=1) and hides every bug in
 code that moves or folds it. Arbitrary running variances make deep nets blow
-up instead. This sets BN state the way training would: random affine, then
-statistics measured by a train-mode pass over random inputs, then each running
-mean and variance perturbed by up to ±25%.
+up instead. This sets BN state the way training leaves it: random affine, then
+running statistics measured on random inputs, then each running mean and
+variance perturbed by up to ±25%.
+
+Each BN's statistics are measured on the input it sees in eval mode, with every
+BN upstream already set and perturbed: one eval-mode forward, each BN setting
+its own statistics just before it runs. A single train-mode pass instead measures
+BN k on an upstream normalized with batch statistics; in eval mode every
+perturbation upstream then shifts what BN k sees, the shifts compound, and deep
+random nets (efficientnetv2_m, efficientnet_b6, levit_256d) reached |y| ~ 1e6
+with float32 results 70% off their own float64. Measured this way, and on enough
+samples per channel (the batch grows as the maps shrink), the same nets keep
+|y| ~ 1 and float32 within ~1e-5 of float64.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
 from .families import family_of
-from .inputs import make_inputs
+from .inputs import infer_input_size, make_inputs
+
+# Spatial positions per channel the statistics should see at 1/32 of the input side
+# (the last stage of a typical CNN): batch x H x W / 1024 >= this.
+_SAMPLES_AT_STRIDE_32 = 256
+
+
+def default_batch(input_size: Sequence[int] | None) -> int:
+    """Batch size for measuring statistics: 8 at 224x224, 64 at 64x64 and below."""
+    if not input_size or len(input_size) < 3:
+        return 16
+    spatial = math.prod(int(s) for s in input_size[2:])
+    return max(8, min(64, math.ceil(_SAMPLES_AT_STRIDE_32 * 1024 / max(spatial, 1))))
 
 
 @torch.no_grad()
 def randomize_bn(model: nn.Module, input_size: Sequence[int] | None = None, *, seed: int = 0,
-                 batch: int = 4, perturb: float = 0.25) -> nn.Module:
+                 batch: int | None = None, perturb: float = 0.25) -> nn.Module:
     """Give every BatchNorm-family layer of ``model`` realistic non-trivial state, in place."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -31,24 +54,40 @@ def randomize_bn(model: nn.Module, input_size: Sequence[int] | None = None, *, s
         if getattr(m, "weight", None) is not None:
             m.weight.copy_(uniform(m.weight, 0.5, 1.5))
             m.bias.copy_(uniform(m.bias, -0.2, 0.2))
-    tracked = [m for m in bns if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    saved_momentum = [(m, m.momentum) for m in tracked]
+    with_stats = [m for m in bns if getattr(m, "running_mean", None) is not None]
+    measured: set[int] = set()
+
+    def measure(module: nn.Module, args) -> None:
+        if id(module) in measured or not args or not isinstance(args[0], torch.Tensor):
+            return
+        measured.add(id(module))
+        x = args[0].detach().double()
+        dims = [d for d in range(x.ndim) if d != 1]
+        count = x.numel() // max(x.shape[1], 1)
+        mean = x.mean(dims)
+        var = x.var(dims, correction=1) if count > 1 else torch.ones_like(mean)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+        perturb_stats(module)
+
+    def perturb_stats(module: nn.Module) -> None:
+        module.running_mean.mul_(uniform(module.running_mean, 1 - perturb, 1 + perturb))
+        module.running_var.mul_(uniform(module.running_var, 1 - perturb, 1 + perturb))
+
     modes = {id(m): m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(measure) for m in with_stats]
     try:
-        for m in tracked:
-            m.momentum = 1.0  # the running statistics become exactly this batch's
         model.eval()
-        for m in tracked:
-            m.train()
-        x = make_inputs(model, (batch, *input_size[1:]) if input_size else None, batch=batch, seed=seed)
+        size = tuple(input_size) if input_size else (1, *infer_input_size(model)[0])
+        n = batch or default_batch(size)
+        x = make_inputs(model, (n, *size[1:]), seed=seed)
         model(x)
     finally:
-        for m, mom in saved_momentum:
-            m.momentum = mom
+        for h in handles:
+            h.remove()
         for m in model.modules():
             m.training = modes[id(m)]
-    for m in bns:
-        if getattr(m, "running_mean", None) is not None:
-            m.running_mean.mul_(uniform(m.running_mean, 1 - perturb, 1 + perturb))
-            m.running_var.mul_(uniform(m.running_var, 1 - perturb, 1 + perturb))
+    for m in with_stats:  # not reached by the forward pass: perturb what they have
+        if id(m) not in measured:
+            perturb_stats(m)
     return model

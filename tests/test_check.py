@@ -156,7 +156,7 @@ def test_nan_is_reported_and_located():
 
 
 def test_ill_conditioned_model_correct_fold_passes_perturbed_bn_fails():
-    model = ready(Deep(offset=4000.0), (4, 3, 16, 16), perturb=0.0)
+    model = ready(Deep(offset=16000.0), (4, 3, 16, 16), perturb=0.0)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         y32, y64 = model(x).double(), copy.deepcopy(model).double()(x.double())
