@@ -14,7 +14,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .families import family_of
-from .fold_math import bn_affine, fold_input_channels, fold_output_channels
+from .fold_math import bn_affine, fold_expert_output_channels, fold_input_channels, fold_output_channels
 from .graph import DataFlow, _short, describe, users_of
 from .registry import Built, Option, SkipLayer, register
 from .replacements import activation_or_identity
@@ -27,12 +27,22 @@ _LAYOUT_OPS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"
 
 
 def _allowed_targets() -> tuple[type, ...]:
+    from timm.layers.cond_conv2d import CondConv2d
     from timm.layers.conv2d_same import Conv2dSame
+
+    from .layers import ShiftedCondConv2d
 
     return (
         nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
         nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, Conv2dSame,
+        CondConv2d, ShiftedCondConv2d,  # expert kernels mixed per sample: folded by write_folded_experts
     )
+
+
+def _is_cond_conv(module: nn.Module) -> bool:
+    from timm.layers.cond_conv2d import CondConv2d
+
+    return isinstance(module, CondConv2d) and module.weight.ndim == 2
 
 
 def is_pruned(module: nn.Module) -> bool:
@@ -264,15 +274,38 @@ def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_
 
 def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
     """Fold the per-output-channel affine (s, t) into ``module`` (a private copy) in place."""
+    if _is_cond_conv(module):
+        write_folded_experts(module, s, t)
+        return
     transposed = bool(getattr(module, "transposed", False))
     groups = int(getattr(module, "groups", 1))
     weight_name = "weight_orig" if is_pruned(module) else "weight"
     weight = getattr(module, weight_name)
-    w, b = fold_output_channels(weight, module.bias, s, t, transposed=transposed, groups=groups)
+    w, b = fold_output_channels(weight, module.bias, s, t, transposed=transposed, groups=groups, out=weight)
     _store(module, weight, w, b)
     if is_pruned(module):
         with torch.no_grad():
             module.weight = module.weight_orig * module.weight_mask
+
+
+def write_folded_experts(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+    """Fold (s, t) into a CondConv2d (a private copy) in place: s into every expert, t into a shift.
+
+    The module becomes a ShiftedCondConv2d (still a CondConv2d), whose constant shift
+    is added inside the same convolution.
+    """
+    from .layers import ShiftedCondConv2d
+
+    w, b = fold_expert_output_channels(module.weight, module.bias, s, out_channels=module.out_channels,
+                                       out=module.weight)
+    with torch.no_grad():
+        if w is not module.weight:
+            module.weight.copy_(w)
+        if b is not None:
+            module.bias.copy_(b.to(module.bias.dtype))
+        if not isinstance(module, ShiftedCondConv2d):
+            ShiftedCondConv2d.adopt(module)
+        module.shift.copy_((module.shift.double() * s + t).to(module.shift.dtype))
 
 
 def write_folded_into_input(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
@@ -282,9 +315,11 @@ def write_folded_into_input(module: nn.Module, s: torch.Tensor, t: torch.Tensor)
 
 
 def _store(module: nn.Module, weight: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> None:
-    """Write float64 results into ``weight`` and the module's bias (created if it had none), in their dtypes."""
+    """Write the results into ``weight`` (unless already there) and the module's bias (created if it had
+    none), in their dtypes."""
     with torch.no_grad():
-        weight.copy_(w)  # cast to the weight's dtype inside the copy, rounding once
+        if w is not weight:
+            weight.copy_(w)  # cast to the weight's dtype inside the copy, rounding once
         if module.bias is None:
             module.bias = nn.Parameter(b.to(device=weight.device, dtype=weight.dtype),
                                        requires_grad=weight.requires_grad)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.utils.prune as prune
-from timm.layers import StdConv2d
+from timm.layers import CondConv2d, StdConv2d
 from timm.layers.norm_act import BatchNormAct2d, FrozenBatchNormAct2d
 from torch.nn.utils.parametrizations import weight_norm
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -89,6 +89,25 @@ class ConcatBN(nn.Module):
         return self.bn(torch.cat([self.a(x), self.b(x)], dim=1))
 
 
+class CondConvBN(nn.Module):
+    """efficientnet_cc's pattern: routing weights (not summing to 1) mix expert kernels, then BN-act."""
+
+    def __init__(self, bias=False, padding="", stride=1):
+        super().__init__()
+        self.route = nn.Linear(3, 4)
+        self.conv = CondConv2d(3, 8, 3, stride=stride, padding=padding, bias=bias, num_experts=4)
+        self.bn = BatchNormAct2d(8, act_layer=nn.SiLU)
+        if bias:
+            with torch.no_grad():
+                self.conv.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.bn(self.conv(x, torch.sigmoid(self.route(x.mean((2, 3))))))
+
+
+PATTERNS["condconv -> bn-act"] = (CondConvBN, (3, 3, 9, 9))
+PATTERNS["condconv with expert biases, 'same' padding"] = (lambda: CondConvBN(bias=True, padding="same", stride=2),
+                                                           (3, 3, 9, 9))
 PATTERNS["linear -> flatten -> bn1d"] = (LinearFlattenBN, (2, 5, 6))
 PATTERNS["linear -> transpose -> bn1d"] = (LinearTransposeBN, (2, 5, 6))
 PATTERNS["bn after concat of convs"] = (ConcatBN, (2, 3, 8, 8))
@@ -109,6 +128,32 @@ def test_fold_patterns(name):
         orig_err = ((model(x).double() - exact).abs().max() / exact.abs().max()).item()
         fold_err = ((f32(x).double() - exact).abs().max() / exact.abs().max()).item()
     assert fold_err <= max(1e-5, 2 * orig_err)
+
+
+def test_condconv_takes_the_shift_in_its_own_convolution(tmp_path):
+    """The scale goes into every expert, the shift into ShiftedCondConv2d's shift; no BN op is left."""
+    from normswap.layers import ShiftedCondConv2d
+
+    shape = (3, 3, 9, 9)
+    model = prepared(CondConvBN(bias=True), shape)
+    folded, rep = normswap.fold(model, input_size=shape, return_report=True)
+    assert type(folded.conv) is ShiftedCondConv2d and isinstance(folded.conv, CondConv2d)
+    assert isinstance(folded.bn, nn.SiLU) and not rep.skipped
+    assert set(folded.state_dict()) == {"route.weight", "route.bias", "conv.weight", "conv.bias", "conv.shift"}
+    assert type(model.conv) is CondConv2d  # the caller's model is untouched
+    bn = model.bn
+    s = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+    assert torch.allclose(folded.conv.shift.double(), bn.bias.double() - bn.running_mean.double() * s, atol=1e-6)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.allclose(folded(x), want, rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(folded, (x,)).module()
+        assert torch.allclose(exported(x), want, rtol=1e-5, atol=1e-5)
+    torch.save(folded, tmp_path / "f.pt")
+    again = torch.load(tmp_path / "f.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(x), folded(x))
 
 
 def test_activation_kept():

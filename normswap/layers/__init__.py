@@ -1,5 +1,6 @@
 """Normalization modules torch and timm lack."""
 from .affine import ChannelAffine
+from .cond_conv import ShiftedCondConv2d
 from .conditional import ConditionalBatchNorm2d, ConditionalInstanceNorm2d, conditioned, set_condition
 from .cosine import CosineConv, CosineLinear
 from .ibn import IBN
@@ -11,4 +12,5 @@ __all__ = [
     "IBN",
     "ConditionalInstanceNorm2d", "ConditionalBatchNorm2d", "set_condition", "conditioned",
     "CosineLinear", "CosineConv",
+    "ShiftedCondConv2d",
 ]
