@@ -8,11 +8,13 @@ were all looked up first, so it cannot stop halfway.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
 import torch.nn as nn
 
 from . import registry
@@ -39,11 +41,23 @@ class LayerContext:
     prepared: dict = field(repr=False, default_factory=dict)  # canonical path -> Change planned so far
     defer_edits: bool = False  # edit other layers at commit, in place, instead of planning edited copies
 
-    def editable(self, path: str) -> nn.Module:
-        """A private copy of another layer to edit (the planned one if an earlier rule already replaced it)."""
+    def editable(self, path: str, uninitialized: tuple[str, ...] = ()) -> nn.Module:
+        """A private copy of another layer to edit (the planned one if an earlier rule already replaced it).
+
+        ``uninitialized``: names of parameters the caller will overwrite whole; the copy gets new,
+        uninitialized ones of the same shape, dtype and device instead of copies (one memory pass
+        less per weight). Ignored for a layer already planned.
+        """
         if path in self.prepared:
             return self.prepared[path].new
-        return copy.deepcopy(self.model.get_submodule(path))
+        live = self.model.get_submodule(path)
+        memo: dict[int, Any] = {}
+        for name in uninitialized:
+            p = live._parameters.get(name)
+            if p is not None:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, memory_format=torch.preserve_format),
+                                           requires_grad=p.requires_grad)
+        return copy.deepcopy(live, memo)
 
     def fail(self, message: str, fix: str | None = None) -> None:
         raise PlanError(
@@ -166,6 +180,13 @@ def plan(
     edited layer is held. The commit can then fail halfway (out of memory), so
     this is opt-in.
     """
+    with gc_paused():
+        return _plan(model, recipe, example_inputs=example_inputs, input_size=input_size, flow=flow,
+                     defer_edits=defer_edits, **params)
+
+
+def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: Any, input_size: tuple[int, ...] | None,
+          flow: DataFlow | None, defer_edits: bool, **params: Any) -> Plan:
     if not isinstance(model, nn.Module):
         raise NormswapError(f"expected a torch.nn.Module, got {type(model).__name__}", code="model_load")
     recipe = load_recipe(recipe, params)
@@ -316,19 +337,28 @@ def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
     return copy_model(model, memo)
 
 
-def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
-    """A deep copy. The cyclic garbage collector is paused meanwhile: a copy allocates objects by the
-    hundred thousand and would otherwise trigger full collections that rescan them all (quadratic)."""
+@contextlib.contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a bounded burst of allocations (a copy, a recorded forward,
+    the plan's factories): they allocate objects by the hundred thousand, and each collection they
+    trigger rescans every object the model holds (quadratic in the model's size)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return copy.deepcopy(model, memo)
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+    """A deep copy, with the garbage collector paused."""
+    try:
+        with gc_paused():
+            return copy.deepcopy(model, memo)
     except Exception as e:
         raise NormswapError(
             f"cannot copy {type(model).__name__} to rewrite it: {type(e).__name__}: {e}",
             fix="pass inplace=True to rewrite the model itself",
             code="model_copy",
         ) from None
-    finally:
-        if was_enabled:
-            gc.enable()

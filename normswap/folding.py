@@ -272,23 +272,34 @@ def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_
 # ------------------------------------------------------------------ module plumbing
 
 
-def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
-    """Fold the per-output-channel affine (s, t) into ``module`` (a private copy) in place."""
+def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor, source: nn.Module | None = None) -> None:
+    """Fold the per-output-channel affine (s, t) into ``module`` (a private copy) in place.
+
+    ``source``: the layer to read the weight from when ``module``'s own is uninitialized
+    (``LayerContext.editable(..., uninitialized=...)``); by default ``module`` itself.
+    """
     if _is_cond_conv(module):
-        write_folded_experts(module, s, t)
+        write_folded_experts(module, s, t, source)
         return
     transposed = bool(getattr(module, "transposed", False))
     groups = int(getattr(module, "groups", 1))
-    weight_name = "weight_orig" if is_pruned(module) else "weight"
+    weight_name = _weight_name(module)
     weight = getattr(module, weight_name)
-    w, b = fold_output_channels(weight, module.bias, s, t, transposed=transposed, groups=groups, out=weight)
+    w, b = fold_output_channels(getattr(source or module, weight_name), module.bias, s, t, transposed=transposed,
+                                groups=groups, out=weight)
     _store(module, weight, w, b)
     if is_pruned(module):
         with torch.no_grad():
             module.weight = module.weight_orig * module.weight_mask
 
 
-def write_folded_experts(module: nn.Module, s: torch.Tensor, t: torch.Tensor) -> None:
+def _weight_name(module: nn.Module) -> str:
+    """The parameter holding the weight as trained: a pruned layer's ``weight`` is recomputed from it."""
+    return "weight_orig" if is_pruned(module) else "weight"
+
+
+def write_folded_experts(module: nn.Module, s: torch.Tensor, t: torch.Tensor,
+                         source: nn.Module | None = None) -> None:
     """Fold (s, t) into a CondConv2d (a private copy) in place: s into every expert, t into a shift.
 
     The module becomes a ShiftedCondConv2d (still a CondConv2d), whose constant shift
@@ -296,8 +307,8 @@ def write_folded_experts(module: nn.Module, s: torch.Tensor, t: torch.Tensor) ->
     """
     from .layers import ShiftedCondConv2d
 
-    w, b = fold_expert_output_channels(module.weight, module.bias, s, out_channels=module.out_channels,
-                                       out=module.weight)
+    w, b = fold_expert_output_channels((source or module).weight, module.bias, s,
+                                       out_channels=module.out_channels, out=module.weight)
     with torch.no_grad():
         if w is not module.weight:
             module.weight.copy_(w)
@@ -372,12 +383,18 @@ def fold(ctx) -> Built:
             edits.append((path, functools.partial(write, s=s[channels], t=t[channels]), [note]))
             names.append(path)
             continue
-        target = ctx.editable(path)
         notes = []
+        if path in ctx.prepared or parametrize.is_parametrized(live) or site.into_next:
+            target, source = ctx.editable(path), None
+        else:  # the weight is written whole: no copy of it is made first
+            target, source = ctx.editable(path, uninitialized=(_weight_name(live),)), live
         if parametrize.is_parametrized(target):
             bake(target)
             notes.append("parametrizations baked")
-        write(target, s[channels], t[channels])
+        if source is None:
+            write(target, s[channels], t[channels])
+        else:
+            write(target, s[channels], t[channels], source=source)
         also.append((path, target, notes + [f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")]))
         names.append(path)
     new, notes = activation_or_identity(bn)
