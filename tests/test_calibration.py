@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import normswap
+import normswap.calibration
 from normswap.cli import main
 from normswap.errors import NormswapError
 
@@ -172,13 +173,26 @@ def test_group_sums_from_channel_moments_match_the_normalized_tensor(groups):
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+def test_group_sums_keep_their_digits_when_the_mean_dwarfs_the_spread():
+    """float32 inputs with mean 1000 and spread 0.1: Σx²/L − mean² alone would lose the variance."""
+    from normswap.calibration import _group_sums, _sums
+
+    gen = torch.Generator().manual_seed(1)
+    x = 1000 + 0.1 * torch.randn(2, 8, 9, 9, generator=gen)
+    z = torch.randn(2, 8, 9, 9, generator=gen) + 10 * (x - 1000)
+    got = _group_sums(x, z, [8, 2], 1e-5)
+    for k, groups in enumerate((8, 2)):
+        want = _sums(torch.nn.functional.group_norm(x.double(), groups, eps=1e-5), z.double(), 1)
+        assert torch.allclose(got[k], want, rtol=1e-4, atol=1e-3), groups
+
+
 def test_auto_groups_take_fewer_groups_where_small_ones_lose_the_function(digits):
-    """32 groups with min_group_size 1 makes groups of 1-2 channels; calibration_groups="auto" takes fewer,
-    never more than the recipe built, and keeps more predictions."""
+    """32 groups with min_group_size 1 makes groups of 1-2 channels; calibration_groups (a tolerance) takes
+    fewer, never more than the recipe built, and keeps more predictions."""
     model, x_train, x_test, y_test = digits
     kw = dict(num_groups=32, min_group_size=1, calibration=list(x_train[:256].split(32)), return_report=True)
     kept, kept_report = normswap.apply(model, "bn_to_gn", **kw)
-    auto, auto_report = normswap.apply(model, "bn_to_gn", calibration_groups="auto", **kw)
+    auto, auto_report = normswap.apply(model, "bn_to_gn", calibration_groups=0.005, **kw)
     rows = auto_report.calibration["layers"]
     assert [r["groups_built"] for r in rows] == [16, 32, 32]
     assert [r["groups"] for r in rows] == [2, 1, 1]
@@ -192,6 +206,11 @@ def test_auto_groups_take_fewer_groups_where_small_ones_lose_the_function(digits
     assert scores(kept, model, x_test, y_test)[1] <= 0.994
     assert scores(auto, model, x_test, y_test)[1] >= 0.997
     assert set(auto.state_dict()) == set(kept.state_dict())
+    assert auto_report.calibration["group_tolerance"] == 0.005 and kept_report.calibration["group_tolerance"] is None
+    _, report = normswap.apply(model, "bn_to_gn", calibration_groups="auto", **kw)
+    assert report.calibration["group_tolerance"] == normswap.calibration.GROUP_TOLERANCE == 0.002
+    assert "group counts chosen (own error within 0.002 of the best count's)" in "\n".join(
+        normswap.calibration.CalibrationReport(**report.calibration).lines())
 
 
 def test_auto_groups_keep_min_group_size_and_groups_by_path(digits):
