@@ -257,8 +257,8 @@ def test_bad_mode_is_a_normswap_error():
 def test_apply_check_failure_carries_the_first_divergence(monkeypatch):
     import normswap.folding as folding
 
-    def wrong(module, s, t):
-        real(module, s * 1.01, t)
+    def wrong(module, s, t, source=None):
+        real(module, s * 1.01, t, source=source)
 
     real = folding.write_folded
     monkeypatch.setattr(folding, "write_folded", wrong)
