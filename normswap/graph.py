@@ -10,6 +10,11 @@ per call) and whose ``call_function`` nodes are the operations between them.
 ``node.users`` counts real users only: an argument read just for its shape or
 dtype (``y.reshape_as(x)``, ``torch.zeros_like(x)``, ``x.shape``) is not an
 edge. ``benchmarks/analysis_choice.py`` measures this against symbolic tracing.
+
+The pass computes shapes, not values, for convolutions, linear layers and matrix
+products (``shape_only``): they are most of a forward's time. It is redone with
+real values when that could matter: the forward reads a value (a branch, a
+boolean mask), writes to the model (a cache), or fails.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import InputSpecError
 from .families import family_of
+from .shape_only import STAND_INS, reads_values
 
 # Functions that read only metadata (shape, dtype, device) of every tensor argument.
 _META_ATTRS = {
@@ -36,6 +42,7 @@ _META_METHODS = {
     "is_floating_point", "is_complex", "element_size", "get_device", "__len__", "data_ptr",
     "is_tensor", "is_nonzero_shape",
 }
+_SCALARS = {int, float, bool, str, complex, type(None), torch.dtype, torch.device, torch.memory_format, torch.layout}
 # (name -> indexes of arguments read for metadata only)
 _SHAPE_ONLY_ARGS = {
     "reshape_as": (1,), "view_as": (1,), "expand_as": (1,), "type_as": (1,),
@@ -43,6 +50,42 @@ _SHAPE_ONLY_ARGS = {
     "rand_like": (0,), "randn_like": (0,), "randint_like": (0,),
     "new_zeros": (0,), "new_ones": (0,), "new_empty": (0,), "new_full": (0,), "new_tensor": (0,),
 }
+
+
+def _leaves(value: Any) -> list:
+    """pytree.tree_leaves, without its per-leaf dispatch for the tuples, lists and dicts ops take."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        out = []
+        for v in value:
+            if isinstance(v, torch.Tensor) or type(v) in _SCALARS:
+                out.append(v)
+            else:
+                out.extend(_leaves(v))
+        return out
+    if kind is dict:
+        return _leaves(tuple(value.values()))
+    if kind in pytree.SUPPORTED_NODES or isinstance(value, tuple):  # namedtuples, structseqs
+        return pytree.tree_leaves(value)
+    return [value]
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [x for x in _leaves(value) if isinstance(x, torch.Tensor)]
+
+
+def _map_tensors(fn, value: Any) -> Any:
+    """pytree.tree_map over the tensors only, fast for plain tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    kind = type(value)
+    if kind is tuple or kind is list:
+        return kind(_map_tensors(fn, v) for v in value)
+    if kind is dict:
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
+    if kind in pytree.SUPPORTED_NODES or isinstance(value, tuple):
+        return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, value)
+    return value
 
 
 def func_name(func: Any) -> str:
@@ -88,6 +131,7 @@ class DataFlow:
     def __init__(self, graph: fx.Graph, modules: dict[str, ModuleCalls]):
         self.graph = graph
         self.modules = modules  # canonical path -> ModuleCalls (every leaf module, called or not)
+        self.real_pass_because: str | None = None  # why the shape-only pass was redone with real values
 
     # -- per-module facts ---------------------------------------------------
     def calls(self, path: str) -> list[fx.Node]:
@@ -157,8 +201,10 @@ def describe(node: fx.Node | None) -> str:
 
 
 class _Recorder(TorchFunctionMode):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, shapes_only: bool):
         super().__init__()
+        self.stand_ins = STAND_INS if shapes_only else {}
+        self.stood_in = False  # a stand-in has run: values from here on are placeholders
         self.graph = fx.Graph()
         self.producer: dict[int, fx.Node] = {}  # id(tensor) -> node holding its current value
         self.keep: list[torch.Tensor] = []  # keeps ids unique while recording
@@ -194,19 +240,19 @@ class _Recorder(TorchFunctionMode):
 
         def conv(i, v):
             if i in skip:
-                return pytree.tree_map(lambda x: tuple(x.shape) if isinstance(x, torch.Tensor) else x, v)
-            return pytree.tree_map(lambda x: self.node_for(x) if isinstance(x, torch.Tensor) else x, v)
+                return _map_tensors(lambda x: tuple(x.shape), v)
+            return _map_tensors(self.node_for, v)
 
         if isinstance(value, tuple):
             return tuple(conv(i, v) for i, v in enumerate(value))
         return conv(-1, value)
 
     def bind_outputs(self, node: fx.Node, out: Any) -> None:
-        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-        if len(leaves) == 1 and isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor):
             node.meta["shape"] = tuple(out.shape)
             self.bind(out, node)
             return
+        leaves = _tensors(out)
         for i, t in enumerate(leaves):
             item = self.graph.call_function(operator.getitem, (node, i))
             item.meta.update(unpack=True, shape=tuple(t.shape))
@@ -215,7 +261,16 @@ class _Recorder(TorchFunctionMode):
     # -- torch function calls between leaf modules --------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = None
+        if self.stand_ins:
+            stand_in = self.stand_ins.get(func)
+            if stand_in is not None:
+                out = stand_in(*args, **kwargs)
+                self.stood_in = self.stood_in or out is not None
+            elif self.stood_in and reads_values(func, args):
+                raise _ValuesRead(func_name(func))
+        if out is None:
+            out = func(*args, **kwargs)
         if self.depth == 0:
             self.record_function(func, args, kwargs, out)
         return out
@@ -225,7 +280,7 @@ class _Recorder(TorchFunctionMode):
         short = _short(name)
         if short in _META_METHODS or (name.startswith("Tensor.") and short in _META_ATTRS):
             return
-        if not any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves((args, kwargs, out))):
+        if not isinstance(out, torch.Tensor) and not _tensors((args, kwargs, out)):
             return
         node_args = self.to_args(tuple(args), _SHAPE_ONLY_ARGS.get(short, ()))
         node_kwargs = self.to_args(kwargs)
@@ -250,7 +305,7 @@ class _Recorder(TorchFunctionMode):
         node_args = self.to_args(tuple(in_args))
         node_kwargs = self.to_args(in_kwargs)
         node = self.graph.call_module(mc.path, node_args, node_kwargs)
-        first = next((a for a in pytree.tree_leaves((in_args, in_kwargs)) if isinstance(a, torch.Tensor)), None)
+        first = next(iter(_tensors((in_args, in_kwargs))), None)
         node.meta.update(
             module_type=type(mod).__name__,
             call_index=len(mc.nodes),
@@ -261,12 +316,112 @@ class _Recorder(TorchFunctionMode):
             self.bind_outputs(node, out)
 
 
+# Module attributes a recording changes on purpose (hooks, train/eval flags) and restores itself.
+_OWN_KEYS = frozenset(k for k in nn.Module().__dict__ if k not in ("_parameters", "_buffers", "_modules"))
+
+
+def _same_items(box: Any, saved: Any) -> bool:
+    """Same length and the same objects, in order (a dict: the same values)."""
+    if len(box) != len(saved):
+        return False
+    if isinstance(box, dict):
+        return all(map(operator.is_, box.values(), saved.values()))
+    return all(map(operator.is_, box, saved))
+
+
+class _StateGuard:
+    """The modules' attributes (one level into dicts, lists and sets) and their tensors' in-place version
+    counters, taken before a forward: did the forward change any, and put the attributes back."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = []  # (module, len(__dict__), keys, values, [(container, a shallow copy)])
+        self.tensors = []
+        for m in {id(m): m for m in model.modules()}.values():
+            d = m.__dict__
+            keys = tuple(d.keys() - _OWN_KEYS)
+            values = tuple(map(d.__getitem__, keys))
+            boxes = []
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    self.tensors.append((v, v._version))
+                elif isinstance(v, (dict, list, set)):
+                    copied = dict(v) if isinstance(v, dict) else list(v)
+                    boxes.append((v, copied))
+                    inside = copied.values() if isinstance(v, dict) else copied
+                    self.tensors.extend((t, t._version) for t in inside if isinstance(t, torch.Tensor))
+            self.saved.append((m, len(d), keys, values, boxes))
+
+    def _changed_modules(self) -> list:
+        return [entry for entry in self.saved if not self._unchanged(*entry)]
+
+    @staticmethod
+    def _unchanged(m, n, keys, values, boxes) -> bool:
+        d = m.__dict__
+        return len(d) == n and all(map(operator.is_, map(d.get, keys), values)) \
+            and all(_same_items(box, saved) for box, saved in boxes)
+
+    def changed(self) -> bool:
+        return bool(self._changed_modules()) or any(t._version != v for t, v in self.tensors)
+
+    def restore(self) -> None:
+        """Put the attributes back; in-place writes into tensors cannot be undone (the real pass redoes them)."""
+        for m, _, keys, values, boxes in self._changed_modules():
+            d = m.__dict__
+            for k in [k for k in d if k not in _OWN_KEYS and k not in keys]:
+                del d[k]
+            d.update(zip(keys, values))
+            for box, saved in boxes:
+                if not _same_items(box, saved):
+                    box.clear()
+                    box.update(saved) if isinstance(box, (dict, set)) else box.extend(saved)
+
+
+class _Redo(BaseException):
+    """The shape-only pass cannot be trusted; redo it for real. A BaseException, so that a model's own
+    ``except Exception`` cannot swallow it."""
+
+
+class _StateChanged(_Redo):
+    """The shape-only forward wrote to the model: its values are placeholders, so it must not."""
+
+
+class _ValuesRead(_Redo):
+    """The shape-only forward read a value (a branch, a value-dependent shape): placeholders could mislead it."""
+
+
 def record(model: nn.Module, example_inputs: Any) -> DataFlow:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad) and return its data flow.
 
+    Convolutions, linear layers and matrix products compute only their output's shape
+    (``shape_only``). If that pass fails or writes to the model (a cache filled with
+    placeholder values), the model's attributes are put back and the pass is redone for real.
     The model is left as it was: hooks are removed and train/eval flags restored.
     """
-    rec = _Recorder(model)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    guard = _StateGuard(model)
+    try:
+        return _record(model, args, shapes_only=True, guard=guard)
+    except InputSpecError:
+        raise
+    except (Exception, _Redo) as e:  # noqa: BLE001 - the real pass below reports what the model itself says
+        guard.restore()
+        why = f"{type(e).__name__}: {e}"
+    try:
+        flow = _record(model, args, shapes_only=False, guard=None)
+        flow.real_pass_because = why
+        return flow
+    except InputSpecError:
+        raise
+    except Exception as e:  # the user's model refused the example input
+        shapes = [tuple(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+        raise InputSpecError(
+            f"the model's forward pass failed on an example input of shape {shapes}: {type(e).__name__}: {e}",
+            fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...)",
+        ) from None
+
+
+def _record(model: nn.Module, args: tuple, *, shapes_only: bool, guard: _StateGuard | None) -> DataFlow:
+    rec = _Recorder(model, shapes_only)
     handles = []
     seen = set()
     for mc in rec.paths.values():
@@ -276,7 +431,6 @@ def record(model: nn.Module, example_inputs: Any) -> DataFlow:
         handles.append(mc.module.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
         handles.append(mc.module.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
     modes = {id(m): m.training for m in model.modules()}
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         for leaf in pytree.tree_leaves(args):
             if isinstance(leaf, torch.Tensor):
@@ -286,16 +440,10 @@ def record(model: nn.Module, example_inputs: Any) -> DataFlow:
         model.eval()
         with torch.no_grad(), rec:
             out = model(*args)
+        if guard is not None and guard.changed():
+            raise _StateChanged()
         outputs = pytree.tree_map(lambda x: rec.node_for(x) if isinstance(x, torch.Tensor) else None, out)
         rec.graph.output(outputs)
-    except InputSpecError:
-        raise
-    except Exception as e:  # the user's model refused the example input
-        shapes = [tuple(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
-        raise InputSpecError(
-            f"the model's forward pass failed on an example input of shape {shapes}: {type(e).__name__}: {e}",
-            fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...)",
-        ) from None
     finally:
         for h in handles:
             h.remove()
