@@ -9,7 +9,6 @@ were all looked up first, so it cannot stop halfway.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -21,6 +20,7 @@ from . import registry
 from .errors import NormswapError, PlanError
 from .graph import DataFlow, record
 from .inputs import make_inputs
+from .module_copy import deepcopy_module
 from .recipe import Recipe, Rule, load_recipe
 from .registry import Built, SkipLayer
 
@@ -57,7 +57,7 @@ class LayerContext:
             if p is not None:
                 memo[id(p)] = nn.Parameter(torch.empty_like(p, memory_format=torch.preserve_format),
                                            requires_grad=p.requires_grad)
-        return copy.deepcopy(live, memo)
+        return deepcopy_module(live, memo)
 
     def fail(self, message: str, fix: str | None = None) -> None:
         raise PlanError(
@@ -355,7 +355,7 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
     """A deep copy, with the garbage collector paused."""
     try:
         with gc_paused():
-            return copy.deepcopy(model, memo)
+            return deepcopy_module(model, memo)
     except Exception as e:
         raise NormswapError(
             f"cannot copy {type(model).__name__} to rewrite it: {type(e).__name__}: {e}",

@@ -7,6 +7,7 @@ registry, which is also what the shipped JSON Schema is generated from.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -205,7 +206,7 @@ def _load_named(ref: str) -> Recipe:
     if not looks_like_path:
         if ref in list_recipes():
             entry = builtin_dir() / f"{ref}.yaml"
-            return parse_text(entry.read_text(encoding="utf-8"), source=f"<built-in {ref}>")
+            return _parse_builtin(entry.read_text(encoding="utf-8"), ref)
         if not os.path.exists(ref):
             raise NormswapError(
                 f"no built-in recipe named '{ref}' and no such file",
@@ -213,6 +214,12 @@ def _load_named(ref: str) -> Recipe:
                 code="recipe_not_found",
             )
     return read_recipe_file(ref)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_builtin(text: str, name: str) -> Recipe:
+    """Built-in recipes are parsed once per text: a Recipe is frozen, and the parse is most of a small fold."""
+    return parse_text(text, source=f"<built-in {name}>")
 
 
 def read_recipe_file(path: str) -> Recipe:

@@ -9,6 +9,7 @@ from . import carry
 from .families import activation_of, channels_of
 from .grouping import choose_num_groups, valid_group_counts
 from .match import glob_match
+from .module_copy import deepcopy_module
 from .registry import Built, Option, SkipLayer, register
 
 _BN_LIKE = ("batchnorm", "frozen_batchnorm")
@@ -81,7 +82,7 @@ def activation_or_identity(old: nn.Module) -> tuple[nn.Module, list[str]]:
     act = activation_of(old)
     if act is None:
         return nn.Identity(), []
-    parts = [copy.deepcopy(m) for m in act if not isinstance(m, nn.Identity)]
+    parts = [deepcopy_module(m) for m in act if not isinstance(m, nn.Identity)]
     if not parts:
         return nn.Identity(), []
     new = nn.Sequential(*parts) if len(parts) > 1 else parts[0]
