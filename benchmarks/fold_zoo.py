@@ -340,6 +340,7 @@ def measure_model(name: str, side: int) -> dict:
 def measure_tool(fn, model: nn.Module, x: torch.Tensor, ref, foldable: Counter) -> dict:
     res: dict = {}
     work = copy.deepcopy(model)
+    gc.collect()  # every tool starts with the collector clear, not with the garbage of what ran before it
     try:
         with time_limit(TOOL_TIME_LIMIT_S):
             t = time.perf_counter()
