@@ -56,36 +56,33 @@ def _copy(value: Any, memo: dict) -> Any:
         return found
     if kind is tuple and _atomic_tuple(value):
         return value
-    if (kind is dict or kind is OrderedDict or kind is set or kind is list) and not value:
-        new = kind()
-        memo[id(value)] = new
-        _keep_alive(value, memo)
-        return new
-    if (kind is dict or kind is OrderedDict) and all(type(k) is str for k in value):
-        new = kind()
-        memo[id(value)] = new
-        _keep_alive(value, memo)
-        for k, v in value.items():
-            new[k] = _copy(v, memo)
-        return new
-    if isinstance(value, nn.Module) and _is_fast(kind):
+    if kind is dict or kind is OrderedDict:
+        if all(type(k) is str for k in value):  # empty ones too: most of a module's dicts
+            new = _memoize(value, kind(), memo)
+            for k, v in value.items():
+                new[k] = _copy(v, memo)
+            return new
+    elif (kind is set or kind is list) and not value:
+        return _memoize(value, kind(), memo)
+    elif isinstance(value, nn.Module) and _is_fast(kind):
         return _copy_module(value, memo)
     return copy.deepcopy(value, memo)
 
 
-def _keep_alive(value: Any, memo: dict) -> None:
-    """As deepcopy does: the originals stay alive while the memo maps their ids."""
+def _memoize(value: Any, new: Any, memo: dict) -> Any:
+    """As deepcopy does: ``new`` stands for ``value`` from now on, and ``value`` stays alive while the memo maps
+    its id."""
+    memo[id(value)] = new
     try:
         memo[id(memo)].append(value)
     except KeyError:
         memo[id(memo)] = [value]
+    return new
 
 
 def _copy_module(module: nn.Module, memo: dict) -> nn.Module:
     cls = type(module)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    _keep_alive(module, memo)
+    new = _memoize(module, cls.__new__(cls), memo)
     state = {}
     for k, v in module.__dict__.items():
         if k != "_compiled_call_impl":  # what nn.Module.__getstate__ leaves out
