@@ -40,6 +40,12 @@ class LayerContext:
     model: nn.Module = field(repr=False, default=None)
     prepared: dict = field(repr=False, default_factory=dict)  # canonical path -> Change planned so far
     defer_edits: bool = False  # edit other layers at commit, in place, instead of planning edited copies
+    by_path: dict[str, nn.Module] = field(repr=False, default_factory=dict)  # every path of the model -> its module
+
+    def layer(self, path: str) -> nn.Module:
+        """The caller's module at ``path`` (any of its paths): a lookup, where ``get_submodule`` walks."""
+        found = self.by_path.get(path)
+        return found if found is not None else self.model.get_submodule(path)
 
     def editable(self, path: str, uninitialized: tuple[str, ...] = ()) -> nn.Module:
         """A private copy of another layer to edit (the planned one if an earlier rule already replaced it).
@@ -50,7 +56,7 @@ class LayerContext:
         """
         if path in self.prepared:
             return self.prepared[path].new
-        live = self.model.get_submodule(path)
+        live = self.layer(path)
         memo: dict[int, Any] = {}
         for name in uninitialized:
             p = live._parameters.get(name)
@@ -199,13 +205,15 @@ def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: A
 
     prepared: dict[str, Change] = {}  # canonical path -> Change, in planning order
     skipped: list[Skip] = []
-    paths_of = {id(m): p for m, p in module_paths(model)}
+    walk = module_paths(model)
+    paths_of = {id(m): p for m, p in walk}
+    by_path = {path: m for m, paths in walk for path in paths}
     counts = [0] * len(recipe.rules)
     replaced: set[str] = set()
     links: dict[str, dict] = {}
     plan_notes: list[str] = []
     errors: list[PlanError] = []
-    for module, paths in module_paths(model):
+    for module, paths in walk:
         if (_under(paths[0], replaced) and paths[0] not in replaced) or paths[0] in prepared:
             continue  # inside a layer being replaced as a whole, or already replaced by an earlier rule
         rule_i = next((i for i, r in enumerate(recipe.rules) if r.selector.matches(module, paths)), None)
@@ -225,6 +233,7 @@ def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: A
             path=paths[0], paths=paths, module=module, options=dict(options[rule_i]),
             carry=frozenset(rule.carry if rule.carry is not None else repl.default_carry),
             rule=rule, recipe=recipe, flow=flow, model=model, prepared=prepared, defer_edits=defer_edits,
+            by_path=by_path,
         )
         try:
             built: Built = repl.build(ctx)
@@ -251,7 +260,7 @@ def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: A
                 prepared[path].edits.append(edit)
                 prepared[path].notes.extend(notes)
             else:
-                live = model.get_submodule(path)
+                live = ctx.layer(path)
                 same = {n: n for n, _ in live.named_parameters()}
                 prepared[path] = Change(rule, path, paths_of[id(live)], live, live, list(notes), same, edits=[edit])
         for path, new, notes in built.also:
@@ -259,7 +268,7 @@ def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: A
                 prepared[path].new = new
                 prepared[path].notes.extend(notes)
             else:
-                old = model.get_submodule(path)
+                old = ctx.layer(path)
                 same = {n: n for n, _ in old.named_parameters()}  # an edited copy keeps its names
                 prepared[path] = Change(rule, path, paths_of[id(old)], old, new, list(notes), same)
 

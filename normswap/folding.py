@@ -376,7 +376,7 @@ def fold(ctx) -> Built:
     write = write_folded_into_input if site.into_next else write_folded
     also, edits, names = [], [], []
     for path, channels in site.targets:
-        live = ctx.model.get_submodule(path)
+        live = ctx.layer(path)
         if ctx.defer_edits and not parametrize.is_parametrized(live) and (
                 path not in ctx.prepared or ctx.prepared[path].edits):
             note = f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")
@@ -411,6 +411,6 @@ def site_links(site: FoldSite, ctx) -> dict[str, dict]:
                 site.targets[0][0]: {"kind": "next", "bn": site.bn_path}}
     links = {site.bn_path: {"kind": "folded", "bn": site.bn_path}}
     for path, channels in site.targets:
-        axis = -1 if isinstance(ctx.model.get_submodule(path), nn.Linear) else 1
+        axis = -1 if isinstance(ctx.layer(path), nn.Linear) else 1
         links[path] = {"kind": "into", "bn": site.bn_path, "channels": [channels.start, channels.stop], "axis": axis}
     return links

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 from typing import Any, Iterable
 
 import torch
@@ -200,8 +201,22 @@ def describe(node: fx.Node | None) -> str:
     return node.meta.get("func_name", str(node.target))
 
 
+def _tensor_names(named_modules: list[tuple[str, nn.Module]]) -> dict[int, str]:
+    """id(parameter or buffer) -> its name, as ``named_parameters``/``named_buffers(remove_duplicate=False)``
+    name them (a tied tensor: its last name), from one walk of the tree instead of two."""
+    params, buffers = {}, {}
+    for prefix, mod in named_modules:
+        dot = prefix + "." if prefix else ""
+        for table, out in ((mod._parameters, params), (mod._buffers, buffers)):
+            for k, t in table.items():
+                if t is not None:
+                    out[id(t)] = dot + k
+    params.update(buffers)
+    return params
+
+
 class _Recorder(TorchFunctionMode):
-    def __init__(self, model: nn.Module, shapes_only: bool):
+    def __init__(self, named_modules: list[tuple[str, nn.Module]], shapes_only: bool):
         super().__init__()
         self.stand_ins = STAND_INS if shapes_only else {}
         self.stood_in = False  # a stand-in has run: values from here on are placeholders
@@ -210,10 +225,9 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # keeps ids unique while recording
         self.depth = 0
         self.pending: list[tuple[nn.Module, tuple, dict]] = []
-        self.named_tensors = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
-        self.named_tensors.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+        self.named_tensors = _tensor_names(named_modules)
         self.paths: dict[int, ModuleCalls] = {}
-        for name, mod in model.named_modules(remove_duplicate=False):
+        for name, mod in named_modules:
             mc = self.paths.get(id(mod))
             if mc is None:
                 self.paths[id(mod)] = ModuleCalls(name, [name], mod)
@@ -247,6 +261,16 @@ class _Recorder(TorchFunctionMode):
             return tuple(conv(i, v) for i, v in enumerate(value))
         return conv(-1, value)
 
+    def add_node(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        """``graph.create_node``, less its scan of every argument for symbolic ints (eager values are never
+        symbolic): about two thirds of a node's cost. The arguments are set after, which keeps the users'
+        bookkeeping fx does on assignment."""
+        node = self.graph.create_node(op, target)
+        node.args = args
+        if kwargs:
+            node.kwargs = kwargs
+        return node
+
     def bind_outputs(self, node: fx.Node, out: Any) -> None:
         if isinstance(out, torch.Tensor):
             node.meta["shape"] = tuple(out.shape)
@@ -254,7 +278,7 @@ class _Recorder(TorchFunctionMode):
             return
         leaves = _tensors(out)
         for i, t in enumerate(leaves):
-            item = self.graph.call_function(operator.getitem, (node, i))
+            item = self.add_node("call_function", operator.getitem, (node, i))
             item.meta.update(unpack=True, shape=tuple(t.shape))
             self.bind(t, item)
 
@@ -284,7 +308,7 @@ class _Recorder(TorchFunctionMode):
             return
         node_args = self.to_args(tuple(args), _SHAPE_ONLY_ARGS.get(short, ()))
         node_kwargs = self.to_args(kwargs)
-        node = self.graph.call_function(func, node_args, node_kwargs)
+        node = self.add_node("call_function", func, node_args, node_kwargs)
         node.meta["func_name"] = name
         if out is None and short == "__setitem__" and isinstance(args[0], torch.Tensor):
             out = args[0]  # the indexed tensor now holds a new value
@@ -304,7 +328,7 @@ class _Recorder(TorchFunctionMode):
         mc = self.paths[id(mod)]
         node_args = self.to_args(tuple(in_args))
         node_kwargs = self.to_args(in_kwargs)
-        node = self.graph.call_module(mc.path, node_args, node_kwargs)
+        node = self.add_node("call_module", mc.path, node_args, node_kwargs)
         first = next(iter(_tensors((in_args, in_kwargs))), None)
         node.meta.update(
             module_type=type(mod).__name__,
@@ -320,6 +344,27 @@ class _Recorder(TorchFunctionMode):
 _OWN_KEYS = frozenset(k for k in nn.Module().__dict__ if k not in ("_parameters", "_buffers", "_modules"))
 
 
+class _BoxTypes(dict):
+    """type -> is it a dict, list or set (subclasses too), memoized; looked up from C by ``map``."""
+
+    def __missing__(self, kind: type) -> bool:
+        self[kind] = is_box = issubclass(kind, (dict, list, set))
+        return is_box
+
+
+_is_box = _BoxTypes()
+_version_of = operator.attrgetter("_version")
+_user_keys_by_layout: dict[tuple, tuple[str, ...]] = {}  # a __dict__'s key order -> its keys not in _OWN_KEYS
+
+
+def _user_keys(d: dict) -> tuple[str, ...]:
+    layout = tuple(d)
+    keys = _user_keys_by_layout.get(layout)
+    if keys is None:
+        keys = _user_keys_by_layout[layout] = tuple(k for k in layout if k not in _OWN_KEYS)
+    return keys
+
+
 def _same_items(box: Any, saved: Any) -> bool:
     """Same length and the same objects, in order (a dict: the same values)."""
     if len(box) != len(saved):
@@ -331,25 +376,32 @@ def _same_items(box: Any, saved: Any) -> bool:
 
 class _StateGuard:
     """The modules' attributes (one level into dicts, lists and sets) and their tensors' in-place version
-    counters, taken before a forward: did the forward change any, and put the attributes back."""
+    counters, taken before a forward: did the forward change any, and put the attributes back.
 
-    def __init__(self, model: nn.Module):
+    Taken once per fold on every module, so the loops over attributes and tensors run in C (map,
+    compress); only modules and containers cost a Python step.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]):
         self.saved = []  # (module, len(__dict__), keys, values, [(container, a shallow copy)])
-        self.tensors = []
-        for m in {id(m): m for m in model.modules()}.values():
+        held: list = []  # every attribute value and container item: the tensors among them are picked at the end
+        for m in modules:
             d = m.__dict__
-            keys = tuple(d.keys() - _OWN_KEYS)
+            keys = _user_keys(d)
             values = tuple(map(d.__getitem__, keys))
+            held.extend(values)
             boxes = []
-            for v in values:
-                if isinstance(v, torch.Tensor):
-                    self.tensors.append((v, v._version))
-                elif isinstance(v, (dict, list, set)):
-                    copied = dict(v) if isinstance(v, dict) else list(v)
-                    boxes.append((v, copied))
-                    inside = copied.values() if isinstance(v, dict) else copied
-                    self.tensors.extend((t, t._version) for t in inside if isinstance(t, torch.Tensor))
+            for v in compress(values, map(_is_box.__getitem__, map(type, values))):
+                if isinstance(v, dict):
+                    copied = dict(v)
+                    held.extend(copied.values())
+                else:
+                    copied = list(v)
+                    held.extend(copied)
+                boxes.append((v, copied))
             self.saved.append((m, len(d), keys, values, boxes))
+        self.tensors = list(compress(held, map(isinstance, held, repeat(torch.Tensor))))
+        self.versions = list(map(_version_of, self.tensors))
 
     def _changed_modules(self) -> list:
         return [entry for entry in self.saved if not self._unchanged(*entry)]
@@ -361,7 +413,7 @@ class _StateGuard:
             and all(_same_items(box, saved) for box, saved in boxes)
 
     def changed(self) -> bool:
-        return bool(self._changed_modules()) or any(t._version != v for t, v in self.tensors)
+        return bool(self._changed_modules()) or list(map(_version_of, self.tensors)) != self.versions
 
     def restore(self) -> None:
         """Put the attributes back; in-place writes into tensors cannot be undone (the real pass redoes them)."""
@@ -398,46 +450,53 @@ def record(model: nn.Module, example_inputs: Any) -> DataFlow:
     The model is left as it was: hooks are removed and train/eval flags restored.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    guard = _StateGuard(model)
+    named = list(model.named_modules(remove_duplicate=False))
+    unique = list({id(m): m for _, m in named}.values())
+    leaves = [m for m in unique if is_leaf_module(m)]
+    guard = _StateGuard(unique)
+    training = [m.training for m in unique]
     try:
-        return _record(model, args, shapes_only=True, guard=guard)
-    except InputSpecError:
-        raise
-    except (Exception, _Redo) as e:  # noqa: BLE001 - the real pass below reports what the model itself says
-        guard.restore()
-        why = f"{type(e).__name__}: {e}"
-    try:
-        flow = _record(model, args, shapes_only=False, guard=None)
-        flow.real_pass_because = why
-        return flow
-    except InputSpecError:
-        raise
-    except Exception as e:  # the user's model refused the example input
-        shapes = [tuple(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
-        raise InputSpecError(
-            f"the model's forward pass failed on an example input of shape {shapes}: {type(e).__name__}: {e}",
-            fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...)",
-        ) from None
+        if any(training):
+            model.eval()
+        try:
+            return _record(model, named, leaves, args, shapes_only=True, guard=guard)
+        except InputSpecError:
+            raise
+        except (Exception, _Redo) as e:  # noqa: BLE001 - the real pass below reports what the model itself says
+            guard.restore()
+            why = f"{type(e).__name__}: {e}"
+        try:
+            flow = _record(model, named, leaves, args, shapes_only=False, guard=None)
+            flow.real_pass_because = why
+            return flow
+        except InputSpecError:
+            raise
+        except Exception as e:  # the user's model refused the example input
+            shapes = [tuple(a.shape) for a in pytree.tree_leaves(args) if isinstance(a, torch.Tensor)]
+            raise InputSpecError(
+                f"the model's forward pass failed on an example input of shape {shapes}: {type(e).__name__}: {e}",
+                fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...)",
+            ) from None
+    finally:
+        for m, was in zip(unique, training):
+            if m.training != was:
+                m.training = was
 
 
-def _record(model: nn.Module, args: tuple, *, shapes_only: bool, guard: _StateGuard | None) -> DataFlow:
-    rec = _Recorder(model, shapes_only)
+def _record(model: nn.Module, named: list[tuple[str, nn.Module]], leaves: list[nn.Module], args: tuple, *,
+            shapes_only: bool, guard: _StateGuard | None) -> DataFlow:
+    """One recorded forward, the model already in eval mode; hooks on ``leaves`` for its duration."""
+    rec = _Recorder(named, shapes_only)
     handles = []
-    seen = set()
-    for mc in rec.paths.values():
-        if id(mc.module) in seen or not is_leaf_module(mc.module):
-            continue
-        seen.add(id(mc.module))
-        handles.append(mc.module.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
-        handles.append(mc.module.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
-    modes = {id(m): m.training for m in model.modules()}
     try:
+        for m in leaves:
+            handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
+            handles.append(m.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
         for leaf in pytree.tree_leaves(args):
             if isinstance(leaf, torch.Tensor):
                 node = rec.graph.placeholder(f"x{len(rec.producer)}")
                 node.meta["shape"] = tuple(leaf.shape)
                 rec.bind(leaf, node)
-        model.eval()
         with torch.no_grad(), rec:
             out = model(*args)
         if guard is not None and guard.changed():
@@ -447,10 +506,6 @@ def _record(model: nn.Module, args: tuple, *, shapes_only: bool, guard: _StateGu
     finally:
         for h in handles:
             h.remove()
-        for m in model.modules():
-            m.training = modes.get(id(m), m.training)
         rec.keep.clear()
-    modules = {
-        mc.path: mc for mc in rec.paths.values() if is_leaf_module(mc.module)
-    }
+    modules = {rec.paths[id(m)].path: rec.paths[id(m)] for m in leaves}
     return DataFlow(rec.graph, modules)

@@ -1,6 +1,7 @@
 """Example inputs for analysis and checks: from a given shape, the model's pretrained_cfg, or a guess."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -49,7 +50,7 @@ def infer_input_size(model: nn.Module) -> tuple[tuple[int, ...], str]:
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):  # lazily: the first float tensor decides
         if t.is_floating_point():
             return t.dtype, t.device
     return torch.float32, torch.device("cpu")
