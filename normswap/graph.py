@@ -465,6 +465,8 @@ def record(model: nn.Module, example_inputs: Any) -> DataFlow:
         except (Exception, _Redo) as e:  # noqa: BLE001 - the real pass below reports what the model itself says
             guard.restore()
             why = f"{type(e).__name__}: {e}"
+        if any(m.training for m in unique):  # the failed pass switched a layer to train mode
+            model.eval()
         try:
             flow = _record(model, named, leaves, args, shapes_only=False, guard=None)
             flow.real_pass_because = why

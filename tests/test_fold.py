@@ -394,3 +394,19 @@ def test_low_memory_in_place_fold_writes_the_same_weights(name):
 def test_low_memory_needs_in_place_without_check():
     with pytest.raises(normswap.NormswapError, match="low_memory=True edits the model in place"):
         normswap.fold(prepared(seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), (2, 3, 8, 8)), low_memory=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 5, 3, 3), (40, 8192), (2, 300000)])  # one chunk; rows across chunks; rows larger
+def test_weight_products_are_the_float64_product_rounded_once(shape, dtype):
+    """The chunked float64 product equals the whole-tensor float64 product rounded once, also in place."""
+    from normswap.fold_math import _CHUNK, scale_into
+
+    assert shape[0] * shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) != _CHUNK
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g).to(dtype)
+    s = (torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.5).reshape(-1, *[1] * (len(shape) - 1))
+    expected = (w.double() * s).to(dtype)
+    out = torch.empty_like(w)
+    assert torch.equal(scale_into(out, w, s), expected)
+    assert torch.equal(scale_into(w, w, s), expected)  # in place, the weight read before each chunk is written

@@ -163,3 +163,69 @@ def test_a_model_that_rejects_the_input_still_gets_its_own_error():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     with pytest.raises(InputSpecError, match=r"expected input\[1, 4, 16, 16\] to have 3 channels"):
         record(model, torch.randn(1, 4, 16, 16))
+
+
+class SubclassCache(nn.Module):
+    """A cache in a dict subclass (defaultdict), filled by the forward."""
+
+    def __init__(self):
+        super().__init__()
+        import collections
+
+        self.fc = nn.Linear(4, 4)
+        self.cache = collections.defaultdict(list)
+
+    def forward(self, x):
+        self.cache["seen"].append(self.fc(x).sum())  # the new key changes the defaultdict
+        return self.fc(x)
+
+
+def test_a_cache_in_a_dict_subclass_redoes_the_pass_for_real():
+    model = SubclassCache().eval()
+    x = torch.randn(2, 4)
+    flow = record(model, x)
+    assert flow.real_pass_because is not None and "StateChanged" in flow.real_pass_because
+    assert list(model.cache) == ["seen"] and len(model.cache["seen"]) == 1  # only the real pass's entry
+    assert torch.allclose(model.cache["seen"][0], model.fc(x).sum().detach())
+
+
+class TrainRefuses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.training:
+            raise RuntimeError("called in train mode")
+        return self.bn(self.conv(x))
+
+
+def test_a_train_mode_model_is_recorded_in_eval_mode_and_left_in_train_mode():
+    model = TrainRefuses().train()
+    model.conv.eval()
+    flow = record(model, torch.randn(1, 3, 8, 8))
+    assert flow.real_pass_because is None and flow.call_count("bn") == 1
+    assert [m.training for m in (model, model.conv, model.bn)] == [True, False, True]
+
+
+def test_recorded_graph_is_a_valid_fx_graph_with_consistent_users():
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    flow = record(model, torch.randn(1, 3, 32, 32))
+    flow.graph.lint()
+    for node in flow.graph.nodes:
+        for src in node.all_input_nodes:
+            assert node in src.users
+        for user in node.users:
+            assert node in user.all_input_nodes
+
+
+def test_tensor_names_are_those_of_named_parameters_and_buffers():
+    from normswap.graph import _tensor_names
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+    model[2].weight = model[0].weight  # tied: both names reach one tensor
+    model.add_module("again", model[1])  # one module at two paths
+    expected = {id(t): n for n, t in model.named_parameters(remove_duplicate=False)}
+    expected.update({id(t): n for n, t in model.named_buffers(remove_duplicate=False)})
+    assert _tensor_names(list(model.named_modules(remove_duplicate=False))) == expected
