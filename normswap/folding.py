@@ -13,12 +13,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .families import family_of
+from .families import built_class, family_of
 from .fold_math import bn_affine, fold_expert_output_channels, fold_input_channels, fold_output_channels
 from .graph import DataFlow, _short, describe, users_of
 from .registry import Built, Option, SkipLayer, register
 from .replacements import activation_or_identity
-from .weight_norms import bake
+from .weight_norms import bake, legacy_hooks, remove_legacy
 
 # Operations that move elements around without changing them; a BN can be folded through them
 # when its channels still line up with the producer's output channels (checked by replaying them).
@@ -26,6 +26,7 @@ _LAYOUT_OPS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"
                "transpose", "permute", "movedim", "swapaxes", "swapdims"}
 
 
+@functools.cache
 def _allowed_targets() -> tuple[type, ...]:
     from timm.layers.cond_conv2d import CondConv2d
     from timm.layers.conv2d_same import Conv2dSame
@@ -39,6 +40,30 @@ def _allowed_targets() -> tuple[type, ...]:
     )
 
 
+# What a conv/linear forward reads its weight through. A subclass of an allowed class that defines none of
+# these runs that class's forward on the weight as stored (torchvision's Conv3DSimple, a user's Conv2d with
+# an __init__ of its own), so it folds like that class; one that redefines any of them is left.
+_FORWARD_PATH = frozenset({"forward", "_conv_forward", "_output_padding", "__call__", "_call_impl",
+                           "_wrapped_call_impl", "__getattr__", "__getattribute__", "weight", "bias"})
+
+
+@functools.cache
+def fold_base(cls: type) -> type | None:
+    """The allowed class whose forward ``cls`` runs unchanged (``cls`` itself if allowed), or None.
+
+    CondConv2d is taken only as itself: folding turns it into ShiftedCondConv2d, which a subclass is not.
+    """
+    from timm.layers.cond_conv2d import CondConv2d
+
+    allowed = _allowed_targets()
+    for c in cls.__mro__:
+        if c in allowed:
+            return c if c is cls or not issubclass(c, CondConv2d) else None
+        if not _FORWARD_PATH.isdisjoint(vars(c)):
+            return None
+    return None
+
+
 def _is_cond_conv(module: nn.Module) -> bool:
     from timm.layers.cond_conv2d import CondConv2d
 
@@ -49,19 +74,52 @@ def is_pruned(module: nn.Module) -> bool:
     return hasattr(module, "weight_orig") and hasattr(module, "weight_mask")
 
 
+def _hook_name(hook) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+@functools.cache
+def _accounted_hooks() -> tuple[type, ...]:
+    """Pre-hook types folding accounts for: pruning (folded through ``weight_orig``) and torch's legacy
+    weight/spectral norm (``legacy_hooks``: baked or reported on their own)."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return BasePruningMethod, SpectralNorm, WeightNorm
+
+
+def foreign_hooks(module: nn.Module) -> str | None:
+    """The forward hooks and pre-hooks of the user's on ``module``, described; None if there are none."""
+    if not module._forward_pre_hooks and not module._forward_hooks:
+        return None
+    pre = [_hook_name(h) for h in module._forward_pre_hooks.values() if not isinstance(h, _accounted_hooks())]
+    post = [_hook_name(h) for h in module._forward_hooks.values()]
+    parts = ([f"forward pre-hooks ({', '.join(pre[:3])})"] if pre else []) + \
+        ([f"forward hooks ({', '.join(post[:3])})"] if post else [])
+    return " and ".join(parts) or None
+
+
 def target_problem(module: nn.Module, *, bake: bool) -> str | None:
     """Why BN cannot be folded into ``module``'s weights, or None if it can (exactly)."""
-    name = type(module).__name__
-    if parametrize.is_parametrized(module):
-        if bake:
-            return None
+    cls = built_class(module)
+    name = cls.__name__
+    if parametrize.is_parametrized(module) and not bake:
         return (f"{name}'s weight is parametrized (weight/spectral norm): its forward recomputes the weight; "
                 "set bake_parametrizations: true to bake it, then fold")
+    legacy = legacy_hooks(module)
+    if legacy and not bake:
+        return (f"{name}'s weight is recomputed in every forward by torch's legacy {legacy[0]} hook "
+                "(torch.nn.utils.weight_norm/spectral_norm); set bake_parametrizations: true to bake it, then fold")
+    hooks = foreign_hooks(module)
+    if hooks:
+        return (f"{name} has {hooks}: user code that may read its weight or its output, which folding changes; "
+                "remove them before folding (handle.remove()), or exclude this BN")
     if name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
         return f"{name} standardizes its weight in forward, which would undo the folded scale"
     if hasattr(module, "bias_orig"):
         return f"{name}'s bias is pruned: the folded shift cannot live behind its mask"
-    if type(module) not in _allowed_targets():
+    if fold_base(cls) is None:
         return f"{name} is not a conv/linear class whose forward uses its weight as stored"
     return None
 
@@ -93,6 +151,9 @@ def _bn_problem(flow: DataFlow, bn_path: str, assume_eval: bool = False) -> str 
         return "never called in the forward pass"
     if mc.call_count > 1:
         return f"called {mc.call_count} times: one folded copy cannot serve every call"
+    hooks = foreign_hooks(bn)
+    if hooks:
+        return f"it has {hooks} that would go with it; remove them before folding (handle.remove()), or exclude it"
     return None
 
 
@@ -254,7 +315,7 @@ def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_
     why = target_problem(module, bake=bake)
     if why:
         return leave(why)
-    if is_pruned(module) or getattr(module, "transposed", False) or type(module).__name__ == "Conv2dSame":
+    if is_pruned(module) or getattr(module, "transposed", False) or _pads_at_run_time(module):
         return leave(f"{name} cannot absorb a BN on its input (pruned, transposed or padding at run time)")
     if isinstance(module, nn.Linear):
         shape = flow.input_shape(bn_path) or ()
@@ -291,6 +352,13 @@ def write_folded(module: nn.Module, s: torch.Tensor, t: torch.Tensor, source: nn
     if is_pruned(module):
         with torch.no_grad():
             module.weight = module.weight_orig * module.weight_mask
+
+
+def _pads_at_run_time(module: nn.Module) -> bool:
+    """timm's Conv2dSame (and subclasses) pad by the input's size in forward, so their padding is not known."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return isinstance(module, Conv2dSame)
 
 
 def _weight_name(module: nn.Module) -> str:
@@ -377,20 +445,24 @@ def fold(ctx) -> Built:
     also, edits, names = [], [], []
     for path, channels in site.targets:
         live = ctx.layer(path)
-        if ctx.defer_edits and not parametrize.is_parametrized(live) and (
-                path not in ctx.prepared or ctx.prepared[path].edits):
+        recomputed = parametrize.is_parametrized(live) or bool(legacy_hooks(live))  # baked before the write
+        if ctx.defer_edits and not recomputed and (path not in ctx.prepared or ctx.prepared[path].edits):
             note = f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")
             edits.append((path, functools.partial(write, s=s[channels], t=t[channels]), [note]))
             names.append(path)
             continue
         notes = []
-        if path in ctx.prepared or parametrize.is_parametrized(live) or site.into_next:
+        if path in ctx.prepared or recomputed or site.into_next:
             target, source = ctx.editable(path), None
         else:  # the weight is written whole: no copy of it is made first
             target, source = ctx.editable(path, uninitialized=(_weight_name(live),)), live
         if parametrize.is_parametrized(target):
             bake(target)
             notes.append("parametrizations baked")
+        legacy = legacy_hooks(target)
+        if legacy:
+            remove_legacy(target)
+            notes.append(f"torch's legacy {', '.join(legacy)} hook baked")
         if source is None:
             write(target, s[channels], t[channels])
         else:

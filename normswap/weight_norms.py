@@ -29,6 +29,8 @@ def _weight_dim(module: nn.Module) -> int:
 
 def legacy_hooks(module: nn.Module) -> list[str]:
     """Names of torch's old hook-based spectral/weight norms on ``module`` (torch.nn.utils.spectral_norm, ...)."""
+    if not module._forward_pre_hooks:
+        return []
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -137,7 +139,7 @@ def bake_layer(ctx) -> Built:
     if legacy:
         own = dict(old.named_parameters())  # the tensor the weight was computed from becomes the weight
         carried = {name: "weight" for name in ("weight_orig", "weight_v") if name in own}
-        return Built(_remove_legacy(copy.deepcopy(old)), [f"baked torch's legacy {', '.join(legacy)} hook"], carried)
+        return Built(remove_legacy(copy.deepcopy(old)), [f"baked torch's legacy {', '.join(legacy)} hook"], carried)
     if not parametrize.is_parametrized(old):
         raise SkipLayer("not parametrized", quiet=True)
     names = list(old.parametrizations.keys())
@@ -170,7 +172,7 @@ def bake(module: nn.Module) -> nn.Module:
     return module
 
 
-def _remove_legacy(module: nn.Module) -> nn.Module:
+def remove_legacy(module: nn.Module) -> nn.Module:
     """Remove the old hooks from a private copy, leaving the weight they compute (eval: no power iteration)."""
     from torch.nn.utils import remove_spectral_norm, remove_weight_norm
     from torch.nn.utils.spectral_norm import SpectralNorm

@@ -209,6 +209,52 @@ def pruned():
     return m
 
 
+class InitOnlyConv3d(nn.Conv3d):
+    """torchvision's video nets (Conv3DSimple): a subclass with an __init__ of its own, the base's forward."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, kernel_size=(1, 3, 3), padding=(0, 1, 1), bias=False)
+
+
+class ClampedWeightConv(nn.Conv2d):
+    """Its forward transforms the weight: a folded scale would be clamped away."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight.clamp(-0.1, 0.1), self.bias)
+
+
+def legacy_weight_norm():
+    m = seq(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8))
+    torch.nn.utils.weight_norm(m[0])
+    return m
+
+
+def legacy_spectral_norm():
+    m = seq(nn.Linear(5, 7), nn.BatchNorm1d(7))
+    torch.nn.utils.spectral_norm(m[0])
+    return m
+
+
+def clamp_output(module, args, out):
+    return out.clamp(max=0.1)
+
+
+def conv_with_output_hook():
+    m = seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    m[0].register_forward_hook(clamp_output)
+    return m
+
+
+def bn_with_output_hook():
+    m = seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    m[1].register_forward_hook(clamp_output)
+    return m
+
+
+PATTERNS["conv3d subclass with its own __init__ only"] = (lambda: seq(InitOnlyConv3d(3, 4), nn.BatchNorm3d(4)),
+                                                          (2, 3, 3, 6, 6))
+
+
 LEAVE = {
     "conv called twice": (Reused, (2, 4, 6, 6), 2, "called 2 times"),
     "bn called twice": (SharedBN, (2, 4, 6, 6), 1, "called 2 times"),
@@ -217,6 +263,12 @@ LEAVE = {
     "StdConv2d": (lambda: seq(StdConv2d(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), 1, "standardizes its weight"),
     "parametrized conv": (lambda: seq(weight_norm(nn.Conv2d(3, 8, 3)), nn.BatchNorm2d(8)), (2, 3, 8, 8), 1, "parametrized"),
     "no running stats": (lambda: seq(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False)), (2, 3, 8, 8), 1, "no running statistics"),
+    "conv subclass transforming its weight": (lambda: seq(ClampedWeightConv(3, 8, 3), nn.BatchNorm2d(8)), (2, 3, 8, 8), 1,
+                                              "ClampedWeightConv is not a conv/linear class whose forward uses its weight"),
+    "legacy weight_norm hook": (legacy_weight_norm, (2, 3, 8), 1, "torch's legacy weight norm hook"),
+    "legacy spectral_norm hook": (legacy_spectral_norm, (4, 5), 1, "torch's legacy spectral norm hook"),
+    "conv with a forward hook": (conv_with_output_hook, (2, 3, 8, 8), 1, "Conv2d has forward hooks (clamp_output)"),
+    "bn with a forward hook": (bn_with_output_hook, (2, 3, 8, 8), 1, "it has forward hooks (clamp_output)"),
 }
 
 
@@ -257,6 +309,32 @@ def test_bake_parametrizations_then_fold():
     folded, rep, err = fold64(model, (2, 3, 8, 8), bake_parametrizations=True)
     assert err <= 1e-12 and bns(folded) == []
     assert not hasattr(folded[0], "parametrizations")
+
+
+@pytest.mark.parametrize("make,shape", [(legacy_weight_norm, (2, 3, 8)), (legacy_spectral_norm, (4, 5))])
+def test_bake_legacy_hooks_then_fold(make, shape):
+    """torch.nn.utils.weight_norm/spectral_norm recompute the weight in a pre-hook: baked on the copy, then folded."""
+    model = prepared(make(), shape)
+    folded, rep, err = fold64(model, shape, bake_parametrizations=True)
+    assert err <= 1e-12 and bns(folded) == [], rep.skipped
+    assert not folded[0]._forward_pre_hooks and isinstance(folded[0].weight, nn.Parameter)
+    assert any("legacy" in n for ch in rep.changes for n in ch["notes"]), rep.changes
+    assert len(model[0]._forward_pre_hooks) == 1  # the caller's layer keeps its hook
+
+
+def test_fold_base_takes_subclasses_only_with_the_base_forward():
+    from timm.layers.cond_conv2d import CondConv2d
+    from torchvision.models.video.resnet import Conv3DSimple
+
+    from normswap.folding import fold_base
+
+    class PlainCond(CondConv2d):
+        pass
+
+    assert fold_base(Conv3DSimple) is nn.Conv3d and fold_base(InitOnlyConv3d) is nn.Conv3d
+    assert fold_base(nn.modules.linear.NonDynamicallyQuantizableLinear) is not None
+    for cls in (ClampedWeightConv, StdConv2d, torch.ao.nn.qat.Conv2d, PlainCond, nn.Module):
+        assert fold_base(cls) is None, cls
 
 
 def test_unfoldable_becomes_affine():
