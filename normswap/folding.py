@@ -154,6 +154,9 @@ def _bn_problem(flow: DataFlow, bn_path: str, assume_eval: bool = False) -> str 
     hooks = foreign_hooks(bn)
     if hooks:
         return f"it has {hooks} that would go with it; remove them before folding (handle.remove()), or exclude it"
+    read = flow.tensors_read_outside(bn)
+    if read:
+        return f"the forward also reads its {', '.join(read)} outside it, which would be gone with it"
     return None
 
 
@@ -212,12 +215,19 @@ def _producer_problem(flow: DataFlow, src: fx.Node, consumer: fx.Node, channels:
         return f"the output of {name} also feeds {', '.join(others[:3])}"
     if flow.call_count(src.target) != 1:
         return f"{name} is called {flow.call_count(src.target)} times: folding into it would change every call"
-    why = target_problem(module, bake=bake)
+    why = target_problem(module, bake=bake) or _read_outside_problem(flow, module, name)
     if why:
         return why
     out_ch = getattr(module, "out_channels", getattr(module, "out_features", None))
     if out_ch != channels:
         return f"{name} has {out_ch} output channels, the BN {channels}"
+    return None
+
+
+def _read_outside_problem(flow: DataFlow, module: nn.Module, name: str) -> str | None:
+    read = flow.tensors_read_outside(module)
+    if read:
+        return f"the forward also reads {name}'s {', '.join(read)} outside it, and would read the folded values"
     return None
 
 
@@ -312,7 +322,7 @@ def next_layer_site(flow: DataFlow, bn_path: str, *, bake: bool = False, assume_
         return leave(f"its output goes to {name}, not to a conv or linear layer")
     if flow.input_node(nxt.target) is not mc.nodes[0]:
         return leave(f"{name} reads more than the BN's output")
-    why = target_problem(module, bake=bake)
+    why = target_problem(module, bake=bake) or _read_outside_problem(flow, module, name)
     if why:
         return leave(why)
     if is_pruned(module) or getattr(module, "transposed", False) or _pads_at_run_time(module):

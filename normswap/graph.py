@@ -129,10 +129,20 @@ class ModuleCalls:
 class DataFlow:
     """The recorded graph plus per-module facts: producers, users, call counts, aliases."""
 
-    def __init__(self, graph: fx.Graph, modules: dict[str, ModuleCalls]):
+    def __init__(self, graph: fx.Graph, modules: dict[str, ModuleCalls], read_outside: frozenset[int] = frozenset()):
         self.graph = graph
         self.modules = modules  # canonical path -> ModuleCalls (every leaf module, called or not)
         self.real_pass_because: str | None = None  # why the shape-only pass was redone with real values
+        # ids of the model's parameters and buffers that the forward reads outside the leaf layers' own calls
+        # (a weight the forward uses itself, a tied head): a rewrite of their layer changes those reads too
+        self.read_outside = read_outside
+
+    def tensors_read_outside(self, module: nn.Module) -> list[str]:
+        """Names of ``module``'s own parameters and buffers that the forward also reads outside its calls."""
+        if not self.read_outside:
+            return []
+        return [name for table in (module._parameters, module._buffers) for name, t in table.items()
+                if t is not None and id(t) in self.read_outside]
 
     # -- per-module facts ---------------------------------------------------
     def calls(self, path: str) -> list[fx.Node]:
@@ -226,6 +236,7 @@ class _Recorder(TorchFunctionMode):
         self.depth = 0
         self.pending: list[tuple[nn.Module, tuple, dict]] = []
         self.named_tensors = _tensor_names(named_modules)
+        self.read_outside: set[int] = set()  # ids of named tensors read outside leaf-module calls
         self.paths: dict[int, ModuleCalls] = {}
         for name, mod in named_modules:
             mc = self.paths.get(id(mod))
@@ -239,6 +250,8 @@ class _Recorder(TorchFunctionMode):
         node = self.producer.get(id(t))
         if node is None:
             name = self.named_tensors.get(id(t))
+            if name is not None:
+                self.read_outside.add(id(t))
             node = self.graph.get_attr(name if name is not None else f"_constant_{len(self.producer)}")
             node.meta["shape"] = tuple(t.shape)
             self.bind(t, node)
@@ -491,8 +504,8 @@ def _record(model: nn.Module, named: list[tuple[str, nn.Module]], leaves: list[n
     rec = _Recorder(named, shapes_only)
     handles = []
     try:
-        for m in leaves:
-            handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True))
+        for m in leaves:  # first of the pre-hooks: the layer's own (pruning, legacy weight norm) are part of its call
+            handles.append(m.register_forward_pre_hook(rec.pre_hook, with_kwargs=True, prepend=True))
             handles.append(m.register_forward_hook(rec.post_hook, with_kwargs=True, always_call=True))
         for leaf in pytree.tree_leaves(args):
             if isinstance(leaf, torch.Tensor):
@@ -510,4 +523,4 @@ def _record(model: nn.Module, named: list[tuple[str, nn.Module]], leaves: list[n
             h.remove()
         rec.keep.clear()
     modules = {rec.paths[id(m)].path: rec.paths[id(m)] for m in leaves}
-    return DataFlow(rec.graph, modules)
+    return DataFlow(rec.graph, modules, frozenset(rec.read_outside))

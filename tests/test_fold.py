@@ -251,6 +251,26 @@ def bn_with_output_hook():
     return m
 
 
+class SharedWeightsOwnBNs(nn.Module):
+    """Domain-specific BN: two convs share one weight, each has its own BN (each folds into its own copy)."""
+
+    def __init__(self, read_weight=False, read_stats=False):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(3, 8, 3)
+        self.c2.weight = self.c1.weight
+        self.b1, self.b2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.read_weight, self.read_stats = read_weight, read_stats
+
+    def forward(self, x):
+        y = self.b1(self.c1(x)) + self.b2(self.c2(x))
+        if self.read_weight:  # the forward reads the conv's weight itself: a fold would change what it reads
+            y = y + self.c1.weight.mean()
+        if self.read_stats:
+            y = y * self.b2.running_var.mean()
+        return y
+
+
+PATTERNS["two convs sharing a weight, each with its own bn"] = (SharedWeightsOwnBNs, (2, 3, 8, 8))
 PATTERNS["conv3d subclass with its own __init__ only"] = (lambda: seq(InitOnlyConv3d(3, 4), nn.BatchNorm3d(4)),
                                                           (2, 3, 3, 6, 6))
 
@@ -269,6 +289,10 @@ LEAVE = {
     "legacy spectral_norm hook": (legacy_spectral_norm, (4, 5), 1, "torch's legacy spectral norm hook"),
     "conv with a forward hook": (conv_with_output_hook, (2, 3, 8, 8), 1, "Conv2d has forward hooks (clamp_output)"),
     "bn with a forward hook": (bn_with_output_hook, (2, 3, 8, 8), 1, "it has forward hooks (clamp_output)"),
+    "conv weight read by the forward": (lambda: SharedWeightsOwnBNs(read_weight=True), (2, 3, 8, 8), 2,
+                                        "the forward also reads c"),
+    "bn statistics read by the forward": (lambda: SharedWeightsOwnBNs(read_stats=True), (2, 3, 8, 8), 1,
+                                          "the forward also reads its running_var outside it"),
 }
 
 
