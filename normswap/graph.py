@@ -18,7 +18,9 @@ boolean mask), writes to the model (a cache), or fails.
 """
 from __future__ import annotations
 
+import functools
 import operator
+import weakref
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from typing import Any, Iterable
@@ -232,7 +234,10 @@ class _Recorder(TorchFunctionMode):
         self.stood_in = False  # a stand-in has run: values from here on are placeholders
         self.graph = fx.Graph()
         self.producer: dict[int, fx.Node] = {}  # id(tensor) -> node holding its current value
-        self.keep: list[torch.Tensor] = []  # keeps ids unique while recording
+        # id(tensor) -> a weak reference whose callback drops the tensor's entries when it dies (CPython runs it
+        # at deallocation, before the id can be reused): intermediates are freed as in a plain forward
+        self.alive: dict[int, weakref.ref] = {}
+        self.constants = 0  # tensors read that are neither the model's nor made by a recorded op
         self.depth = 0
         self.pending: list[tuple[nn.Module, tuple, dict]] = []
         self.named_tensors = _tensor_names(named_modules)
@@ -252,14 +257,24 @@ class _Recorder(TorchFunctionMode):
             name = self.named_tensors.get(id(t))
             if name is not None:
                 self.read_outside.add(id(t))
-            node = self.graph.get_attr(name if name is not None else f"_constant_{len(self.producer)}")
+            if name is None:
+                name = f"_constant_{self.constants}"
+                self.constants += 1
+            node = self.graph.get_attr(name)
             node.meta["shape"] = tuple(t.shape)
             self.bind(t, node)
         return node
 
     def bind(self, t: torch.Tensor, node: fx.Node) -> None:
-        self.producer[id(t)] = node
-        self.keep.append(t)
+        key = id(t)
+        self.producer[key] = node
+        if key not in self.alive and key not in self.named_tensors:  # the model's own tensors outlive the pass
+            self.alive[key] = weakref.ref(t, functools.partial(self._forget, key))
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        if self.alive.get(key) is ref:
+            del self.alive[key]
+            self.producer.pop(key, None)
 
     def to_args(self, value: Any, skip_idx: Iterable[int] = ()) -> Any:
         """Tensors -> nodes; tensors at shape-only positions -> their shape (not an edge)."""
@@ -521,6 +536,6 @@ def _record(model: nn.Module, named: list[tuple[str, nn.Module]], leaves: list[n
     finally:
         for h in handles:
             h.remove()
-        rec.keep.clear()
+        rec.alive.clear()  # the callbacks of tensors still alive (the output, the inputs) do nothing now
     modules = {rec.paths[id(m)].path: rec.paths[id(m)] for m in leaves}
     return DataFlow(rec.graph, modules, frozenset(rec.read_outside))
