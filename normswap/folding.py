@@ -18,7 +18,7 @@ from .fold_math import bn_affine, fold_expert_output_channels, fold_input_channe
 from .graph import DataFlow, _short, describe, users_of
 from .registry import Built, Option, SkipLayer, register
 from .replacements import activation_or_identity
-from .weight_norms import bake, legacy_hooks, remove_legacy
+from .weight_norms import bake_in_place, legacy_hook_types, legacy_hooks
 
 # Operations that move elements around without changing them; a BN can be folded through them
 # when its channels still line up with the producer's output channels (checked by replaying them).
@@ -83,10 +83,8 @@ def _accounted_hooks() -> tuple[type, ...]:
     """Pre-hook types folding accounts for: pruning (folded through ``weight_orig``) and torch's legacy
     weight/spectral norm (``legacy_hooks``: baked or reported on their own)."""
     from torch.nn.utils.prune import BasePruningMethod
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
-    return BasePruningMethod, SpectralNorm, WeightNorm
+    return (BasePruningMethod, *legacy_hook_types())
 
 
 def foreign_hooks(module: nn.Module) -> str | None:
@@ -461,18 +459,11 @@ def fold(ctx) -> Built:
             edits.append((path, functools.partial(write, s=s[channels], t=t[channels]), [note]))
             names.append(path)
             continue
-        notes = []
         if path in ctx.prepared or recomputed or site.into_next:
             target, source = ctx.editable(path), None
         else:  # the weight is written whole: no copy of it is made first
             target, source = ctx.editable(path, uninitialized=(_weight_name(live),)), live
-        if parametrize.is_parametrized(target):
-            bake(target)
-            notes.append("parametrizations baked")
-        legacy = legacy_hooks(target)
-        if legacy:
-            remove_legacy(target)
-            notes.append(f"torch's legacy {', '.join(legacy)} hook baked")
+        notes = bake_in_place(target)
         if source is None:
             write(target, s[channels], t[channels])
         else:

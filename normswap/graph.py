@@ -257,7 +257,7 @@ class _Recorder(TorchFunctionMode):
             name = self.named_tensors.get(id(t))
             if name is not None:
                 self.read_outside.add(id(t))
-            if name is None:
+            else:
                 name = f"_constant_{self.constants}"
                 self.constants += 1
             node = self.graph.get_attr(name)

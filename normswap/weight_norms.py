@@ -9,6 +9,7 @@ parametrized module cannot be pickled, and folding needs plain weights.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -27,14 +28,20 @@ def _weight_dim(module: nn.Module) -> int:
     return 1 if getattr(module, "transposed", False) else 0
 
 
+@functools.cache
+def legacy_hook_types() -> dict[type, str]:
+    """torch's old hook-based weight norms (torch.nn.utils.spectral_norm / weight_norm): pre-hook type -> name."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return {SpectralNorm: "spectral norm", WeightNorm: "weight norm"}
+
+
 def legacy_hooks(module: nn.Module) -> list[str]:
     """Names of torch's old hook-based spectral/weight norms on ``module`` (torch.nn.utils.spectral_norm, ...)."""
     if not module._forward_pre_hooks:
         return []
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    kinds = {SpectralNorm: "spectral norm", WeightNorm: "weight norm"}
+    kinds = legacy_hook_types()
     return [kinds[type(h)] for h in module._forward_pre_hooks.values() if type(h) in kinds]
 
 
@@ -175,19 +182,30 @@ def bake(module: nn.Module) -> nn.Module:
 def remove_legacy(module: nn.Module) -> nn.Module:
     """Remove the old hooks from a private copy, leaving the weight they compute (eval: no power iteration)."""
     from torch.nn.utils import remove_spectral_norm, remove_weight_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
+    remove = {"spectral norm": remove_spectral_norm, "weight norm": remove_weight_norm}
+    kinds = legacy_hook_types()
     was = module.training
     module.eval()
     with torch.no_grad():
         for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, SpectralNorm):
-                remove_spectral_norm(module, hook.name)
-            elif isinstance(hook, WeightNorm):
-                remove_weight_norm(module, hook.name)
+            if type(hook) in kinds:
+                remove[kinds[type(hook)]](module, hook.name)
     module.train(was)
     return module
+
+
+def bake_in_place(module: nn.Module) -> list[str]:
+    """Bake a private copy's recomputed weight (parametrizations, torch's legacy hooks) into plain tensors; notes."""
+    notes = []
+    if parametrize.is_parametrized(module):
+        bake(module)
+        notes.append("parametrizations baked")
+    legacy = legacy_hooks(module)
+    if legacy:
+        remove_legacy(module)
+        notes.append(f"torch's legacy {', '.join(legacy)} hook baked")
+    return notes
 
 
 def power_iteration_buffers(model: nn.Module) -> list[str]:
