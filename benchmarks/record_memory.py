@@ -33,29 +33,17 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def build(spec: str):
-    import torch
-
-    source, name = spec.split(":", 1)
-    torch.manual_seed(0)
-    if source == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False).eval()
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
-
-
 def measure(spec: str, side: int, mode: str, threads: int) -> dict:
     """One pass in this process: its time and its peak RSS above the RSS before it."""
     warnings.filterwarnings("ignore")
     import torch
 
     from normswap.graph import record
+    from normswap.io import build_spec
 
     torch.set_num_threads(threads)
-    model = build(spec)
+    torch.manual_seed(0)
+    model = build_spec(spec).eval()
     x = torch.randn(1, 3, side, side)
     reset_peak()
     before = vm_hwm_mb()

@@ -7,6 +7,7 @@ everything else goes through ``torch.load(weights_only=True)`` or safetensors.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import pickle
@@ -70,10 +71,13 @@ def build_spec(spec: str) -> nn.Module:
         import torchvision
 
         try:
-            return torchvision.models.get_model(name, weights=None)
+            builder = torchvision.models.get_model_builder(name)
         except ValueError:
             close = _close(name, torchvision.models.list_models())
             raise ModelLoadError(f"unknown torchvision model '{name}' in spec '{spec}'", fix=close) from None
+        # segmentation and detection builders default to an ImageNet backbone, which would be downloaded
+        no_backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
+        return builder(weights=None, **no_backbone)
     try:
         module = importlib.import_module(head)
     except ImportError as e:

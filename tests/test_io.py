@@ -113,6 +113,19 @@ def test_specs():
         load_model("no_such_pkg.mod:make")
 
 
+def test_torchvision_specs_build_offline_without_backbone_weights(monkeypatch):
+    """Segmentation builders default to an ImageNet backbone: a spec must not try to download it."""
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the spec tried to download weights")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    model = load_model("torchvision:lraspp_mobilenet_v3_large").model
+    assert type(model).__name__ == "LRASPP"
+    assert type(load_model("torchvision:mobilenet_v3_small").model).__name__ == "MobileNetV3"
+
+
 def test_missing_dir_and_torchscript(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(tmp_path / "nope.pt")
