@@ -29,7 +29,7 @@ import torch
 from _common import timeit
 
 import normswap
-from normswap.metrics import cosine
+from normswap.verify.metrics import cosine
 
 # The first twelve are the original sweep; efficientnet_lite0 and mnasnet_100 are SE-free relatives of
 # efficientnet_b0 and mobilenetv3 (squeeze-excitation is where those lose most), hrnet_w18_small a multi-branch net.

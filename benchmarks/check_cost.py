@@ -24,8 +24,8 @@ from _common import timeit, timm_model
 
 import normswap
 from normswap import engine
-from normswap.check import UNIT_ROUNDOFF, _changed_tensors, _perturbed
-from normswap.layerwise import compare_layers
+from normswap.verify.check import UNIT_ROUNDOFF, _changed_tensors, _perturbed
+from normswap.verify.layerwise import compare_layers
 
 
 def main() -> None:

@@ -39,7 +39,7 @@ def measure(spec: str, side: int, mode: str, threads: int) -> dict:
     import torch
 
     from normswap.graph import record
-    from normswap.io import build_spec
+    from normswap.model_io import build_spec
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

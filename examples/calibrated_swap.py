@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import normswap
-import normswap.calibration
+import normswap.passes.calibration
 from digits import DigitsNet, accuracy, load_split, train
 
 
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     print(f"BatchNorm net, test accuracy {accuracy(model, x_test, y_test):.3f}")
     plain = normswap.apply(model, "bn_to_gn")
     fitted, report = normswap.apply(model, "bn_to_gn", calibration=list(x_train[:256].split(32)), return_report=True)
-    print("\n".join(normswap.calibration.CalibrationReport(**report.calibration).lines()))
+    print("\n".join(normswap.passes.calibration.CalibrationReport(**report.calibration).lines()))
     curves = {}
     for name, net in (("uncalibrated", plain), ("calibrated", fitted)):
         net = copy.deepcopy(net)

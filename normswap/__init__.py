@@ -3,16 +3,22 @@
     import normswap
     model = normswap.apply(model, "bn_to_gn")
 """
-__version__ = "0.1.0"
-
-from .errors import CheckFailedError, ModelLoadError, NormswapError, PlanError, RecipeError  # noqa: E402
-from .api import apply, bake, check, fold, list_recipes, load, migrate, plan, recipe  # noqa: E402
-from .weight_norms import power_iteration_buffers  # noqa: E402
-from .check import CheckResult  # noqa: E402
-from .graph import DataFlow, record  # noqa: E402
-from .privacy import prepare_for_opacus  # noqa: E402
-from .recalibration import RecalibrationReport, recalibrate  # noqa: E402
-from .report import Report  # noqa: E402
+from . import catalog  # noqa: F401  (registers the built-in replacements)
+from ._version import __version__
+from .api import apply, bake, check, fold, list_recipes, load, migrate, plan, recipe
+from .catalog.weight_norms import power_iteration_buffers
+from .errors import (
+    CheckFailedError,
+    ModelLoadError,
+    NormswapError,
+    PlanError,
+    RecipeError,
+)
+from .graph import DataFlow, record
+from .passes.recalibration import RecalibrationReport, recalibrate
+from .privacy import prepare_for_opacus
+from .report import Report
+from .verify.check import CheckResult
 
 __all__ = [
     "apply", "plan", "fold", "bake", "migrate", "check", "load", "list_recipes", "recipe", "record",

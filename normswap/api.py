@@ -6,11 +6,12 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from . import engine
-from .check import CheckResult, check as run_check
 from .errors import CheckFailedError
-from .io import load
+from .model_io import load
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import Report
+from .verify.check import CheckResult
+from .verify.check import check as run_check
 
 __all__ = ["apply", "plan", "fold", "bake", "migrate", "check", "load", "list_recipes"]
 
@@ -47,10 +48,10 @@ def apply(
     place at commit instead of preparing a copy of it, for models near the memory limit.
     ``calibration``: batches (a list of input tensors) on which each new normalization
     layer's affine is fitted so the swapped model starts where the original was
-    (``normswap.calibration``; ``calibration_fit`` picks the fit); the report's
+    (``normswap.passes.calibration``; ``calibration_fit`` picks the fit); the report's
     ``calibration`` entry says how much of the original function survived.
     """
-    from .calibration import calibrate, group_candidates, swaps_to_calibrate
+    from .passes.calibration import calibrate, group_candidates, swaps_to_calibrate
 
     if calibration is not None:
         calibration = list(calibration)
@@ -94,7 +95,7 @@ def apply(
 
 
 def check(reference: nn.Module, candidate: nn.Module, inputs: Any = None, **kwargs: Any) -> CheckResult:
-    """Compare two models; see normswap.check.check for the options."""
+    """Compare two models; see normswap.verify.check.check for the options."""
     return run_check(reference, candidate, inputs, **kwargs)
 
 

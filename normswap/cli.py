@@ -12,15 +12,21 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import __version__, engine
-from .calibration import calibrate, group_candidates, swaps_to_calibrate, with_chosen_groups
-from .check import check as run_check
+from . import engine
+from ._version import __version__
 from .errors import InputSpecError, NormswapError
-from .export import format_for
 from .inputs import parse_input_size
-from .io import Loaded, load_inputs, load_model, resolve_output, save_model
+from .model_io import Loaded, load_inputs, load_model, resolve_output, save_model
+from .passes.calibration import (
+    calibrate,
+    group_candidates,
+    swaps_to_calibrate,
+    with_chosen_groups,
+)
 from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
+from .verify.check import check as run_check
+from .verify.export import format_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -216,8 +222,8 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
             status = 1
     data = None
     if status == 0 and export is not None:
-        from .export import export_verified
         from .inputs import make_inputs
+        from .verify.export import export_verified
 
         exported = export_verified(model, make_inputs(model, input_size), export)
         report.export = exported.to_json()
@@ -253,7 +259,7 @@ def _group_mode(text: str) -> str | float:
 
 
 def _calibration_batches(args, loaded: Loaded, input_size) -> list | None:
-    from . import data as sources
+    from .passes import data as sources
 
     if getattr(args, "calibrate_data", None):
         for name in ("calibrate_batch_size", "calibrate_limit"):
@@ -277,8 +283,8 @@ def cmd_recalibrate(args) -> int:
 
     import torch.distributed as dist
 
-    from . import data as sources
-    from .recalibration import recalibrate
+    from .passes import data as sources
+    from .passes.recalibration import recalibrate
 
     for name in ("batch_size", "limit", "max_samples", "random"):
         value = getattr(args, name)
@@ -318,8 +324,8 @@ def cmd_recalibrate(args) -> int:
 
 
 def cmd_migrate(args) -> int:
+    from .model_io import read_object, save_state_dict, unwrap_checkpoint
     from .norm_keys import convert, detect
-    from .io import read_object, save_state_dict, unwrap_checkpoint
 
     src = Path(args.checkpoint)
     out = Path(args.output)
@@ -349,7 +355,7 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import inspect_model
+    from .inspection import inspect_model
 
     loaded = _load(args)
     table = inspect_model(loaded.model, input_size=tuple(loaded.input_size) if loaded.input_size else None)
@@ -388,7 +394,7 @@ def cmd_check(args) -> int:
         layers=True if (args.layers or args.plot) else None,
     )
     if args.plot:
-        from .plot import plot_layers
+        from .verify.plot import plot_layers
 
         plot_layers(result, args.plot)
         result.notes.append(f"wrote {args.plot}")

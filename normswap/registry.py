@@ -139,17 +139,11 @@ def register(
     return deco
 
 
-def _load_builtins() -> None:
-    from . import folding, replacements, weight_norms  # noqa: F401  (register the built-in factories)
-
-
 def names() -> list[str]:
-    _load_builtins()
     return sorted(r.name for r in _REGISTRY.values())
 
 
 def lookup(name: str) -> Replacement | None:
-    _load_builtins()
     return _REGISTRY.get(normalise(name))
 
 

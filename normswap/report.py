@@ -105,7 +105,7 @@ class Report:
         for note in self.notes:
             console.print(f"note: {note}")
         if self.calibration is not None:
-            from .calibration import CalibrationReport
+            from .passes.calibration import CalibrationReport
 
             console.print("\n".join(CalibrationReport(**self.calibration).lines()), markup=False)
         if self.check is not None:

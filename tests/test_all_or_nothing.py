@@ -8,7 +8,8 @@ import torch.nn as nn
 from timm.layers.norm_act import BatchNormAct2d
 
 import normswap
-from normswap import carry, folding, registry
+from normswap import carry, registry
+from normswap.catalog import folding
 from normswap.errors import NormswapError
 from normswap.testing import randomize_bn
 
@@ -88,7 +89,7 @@ def _break(monkeypatch, what: str, nth: int, counter: list) -> None:
     elif what == "fold":
         monkeypatch.setattr(folding, "write_folded", failing_on(nth, folding.write_folded, counter))
     elif what == "calibrate":
-        import normswap.calibration as calibration
+        import normswap.passes.calibration as calibration
 
         monkeypatch.setattr(calibration, "_fit", failing_on(nth, calibration._fit, counter))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import normswap
-import normswap.calibration
+import normswap.passes.calibration
 from normswap.cli import main
 from normswap.errors import NormswapError
 
@@ -162,7 +162,7 @@ def test_cli_calibrate_tensors(digits, tmp_path, capsys):
 def test_group_sums_from_channel_moments_match_the_normalized_tensor(groups):
     """The candidate group counts are fitted from per-sample channel moments; they must give the sums of the
     normalized tensor itself (float64 here, so the two agree to rounding)."""
-    from normswap.calibration import _group_sums, _sums
+    from normswap.passes.calibration import _group_sums, _sums
 
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(4, 24, 7, 5, generator=gen, dtype=torch.float64) * 3 * torch.rand(1, 24, 1, 1, generator=gen,
@@ -175,7 +175,7 @@ def test_group_sums_from_channel_moments_match_the_normalized_tensor(groups):
 
 def test_group_sums_keep_their_digits_when_the_mean_dwarfs_the_spread():
     """float32 inputs with mean 1000 and spread 0.1: Σx²/L − mean² alone would lose the variance."""
-    from normswap.calibration import _group_sums, _sums
+    from normswap.passes.calibration import _group_sums, _sums
 
     gen = torch.Generator().manual_seed(1)
     x = 1000 + 0.1 * torch.randn(2, 8, 9, 9, generator=gen)
@@ -208,9 +208,9 @@ def test_auto_groups_take_fewer_groups_where_small_ones_lose_the_function(digits
     assert set(auto.state_dict()) == set(kept.state_dict())
     assert auto_report.calibration["group_tolerance"] == 0.005 and kept_report.calibration["group_tolerance"] is None
     _, report = normswap.apply(model, "bn_to_gn", calibration_groups="auto", **kw)
-    assert report.calibration["group_tolerance"] == normswap.calibration.GROUP_TOLERANCE == 0.002
+    assert report.calibration["group_tolerance"] == normswap.passes.calibration.GROUP_TOLERANCE == 0.002
     assert "group counts chosen (own error within 0.002 of the best count's)" in "\n".join(
-        normswap.calibration.CalibrationReport(**report.calibration).lines())
+        normswap.passes.calibration.CalibrationReport(**report.calibration).lines())
 
 
 def test_auto_groups_keep_min_group_size_and_groups_by_path(digits):

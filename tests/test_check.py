@@ -1,4 +1,4 @@
-"""normswap.check: numeric and interface verdicts, error figures, and the first layer where two models part."""
+"""normswap.verify.check: numeric and interface verdicts, error figures, and the first layer where two models part."""
 import copy
 import json
 import math
@@ -12,7 +12,7 @@ from test_fold import INTO_NEXT, PATTERNS, prepared
 
 import normswap
 from normswap import engine
-from normswap.check import check
+from normswap.verify.check import check
 from normswap.errors import NormswapError
 from normswap.testing import randomize_bn
 
@@ -255,7 +255,7 @@ def test_bad_mode_is_a_normswap_error():
 
 
 def test_apply_check_failure_carries_the_first_divergence(monkeypatch):
-    import normswap.folding as folding
+    import normswap.catalog.folding as folding
 
     def wrong(module, s, t, source=None):
         real(module, s * 1.01, t, source=source)
@@ -274,7 +274,7 @@ def test_apply_check_failure_carries_the_first_divergence(monkeypatch):
 def test_inspect_and_fold_agree(arch):
     from test_golden import branches
 
-    from normswap.inspect import inspect_model
+    from normswap.inspection import inspect_model
 
     if arch == "concat":
         model, shape = branches(), (2, 3, 8, 8)

@@ -294,7 +294,7 @@ def test_fold_to_pt2_and_safetensors(tmp_path, trained_sd, capsys):
 
 
 def test_fold_check_failure_writes_nothing(tmp_path, trained_sd, capsys, monkeypatch):
-    import normswap.folding as F
+    import normswap.catalog.folding as F
 
     real = F.fold_output_channels
     monkeypatch.setattr(F, "fold_output_channels", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))

@@ -8,7 +8,7 @@ from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
 
 import normswap
 from normswap.errors import PlanError
-from normswap.grouping import choose_num_groups
+from normswap.catalog.grouping import choose_num_groups
 from normswap.testing import randomize_bn
 
 
@@ -171,7 +171,7 @@ def test_hooks_on_replaced_layer_are_reported(convbn):
 
 def test_commit_failure_leaves_model_untouched(convbn, monkeypatch):
     """A failure while building any replacement leaves the caller's model as it was, inplace too."""
-    import normswap.replacements as R
+    import normswap.catalog.norm_swaps as R
     from normswap import registry
 
     calls = {"n": 0}

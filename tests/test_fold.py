@@ -350,7 +350,7 @@ def test_fold_base_takes_subclasses_only_with_the_base_forward():
     from timm.layers.cond_conv2d import CondConv2d
     from torchvision.models.video.resnet import Conv3DSimple
 
-    from normswap.folding import fold_base
+    from normswap.catalog.folding import fold_base
 
     class PlainCond(CondConv2d):
         pass
@@ -380,7 +380,7 @@ def test_low_precision_weights_no_worse_than_fp32_fold_then_cast():
 
 
 def test_fold_check_catches_a_wrong_fold(monkeypatch):
-    import normswap.folding as F
+    import normswap.catalog.folding as F
 
     real = F.fold_output_channels
 
@@ -502,7 +502,7 @@ def test_low_memory_needs_in_place_without_check():
 @pytest.mark.parametrize("shape", [(3, 5, 3, 3), (40, 8192), (2, 300000)])  # one chunk; rows across chunks; rows larger
 def test_weight_products_are_the_float64_product_rounded_once(shape, dtype):
     """The chunked float64 product equals the whole-tensor float64 product rounded once, also in place."""
-    from normswap.fold_math import _CHUNK, scale_into
+    from normswap.catalog.fold_math import _CHUNK, scale_into
 
     assert shape[0] * shape[1] * (shape[2] * shape[3] if len(shape) == 4 else 1) != _CHUNK
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from normswap.errors import ModelLoadError, OutputError, UnsafePickleError
-from normswap.io import Loaded, load_model, resolve_output
+from normswap.model_io import Loaded, load_model, resolve_output
 
 from conftest import ConvBN
 

@@ -334,7 +334,7 @@ def test_a_forward_that_swallows_exceptions_cannot_hang_the_lockstep():
 
 
 def test_half_precision_statistics_do_not_overflow():
-    from normswap.moments import chunk_moments
+    from normswap.passes.moments import chunk_moments
 
     m = chunk_moments(torch.randn(32, 4, 56, 56).half() * 4)
     assert torch.isfinite(m.m2).all() and abs(m.variance.mean().item() - 16) < 1

@@ -287,7 +287,7 @@ def test_load_renames_keys_to_the_models_format(tmp_path):
     old = legacy_discriminator().eval()
     path = tmp_path / "old.pth"
     torch.save(old.state_dict(), path)
-    loaded = normswap.io.load_model(path, arch="test_weight_norms:sn_discriminator")
+    loaded = normswap.model_io.load_model(path, arch="test_weight_norms:sn_discriminator")
     assert any("renamed the legacy spectral/weight-norm keys" in n for n in loaded.notes)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():

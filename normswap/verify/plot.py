@@ -5,9 +5,9 @@ import math
 import os
 from pathlib import Path
 
+from ..errors import NormswapError
+from ..model_io import atomic_write
 from .check import CheckResult
-from .errors import NormswapError
-from .io import atomic_write
 
 _FLOOR = 1e-18  # where exact zeros are drawn on the log axis
 

@@ -20,10 +20,17 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .errors import NormswapError
-from .inputs import as_args, make_inputs, model_dtype_device
+from ..errors import NormswapError
+from ..inputs import as_args, make_inputs, model_dtype_device
 from .layerwise import Layerwise, compare_layers
-from .metrics import cosine, distribution, looks_like_logits, max_errors, scale_of, top1_matches
+from .metrics import (
+    cosine,
+    distribution,
+    looks_like_logits,
+    max_errors,
+    scale_of,
+    top1_matches,
+)
 
 # Default relative tolerance by the models' native dtype (errors are measured in float64 where possible).
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import queue
 import threading
-
 from typing import Any, Callable
 
 import torch
 
-from .errors import NormswapError
+from ..errors import NormswapError
 
 
 class Stop(BaseException):

@@ -13,11 +13,16 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .families import built_class, family_of
-from .fold_math import bn_affine, fold_expert_output_channels, fold_input_channels, fold_output_channels
-from .graph import DataFlow, _short, describe, users_of
-from .registry import Built, Option, SkipLayer, register
-from .replacements import activation_or_identity
+from ..families import built_class, family_of
+from ..graph import DataFlow, _short, describe, users_of
+from ..registry import Built, Option, SkipLayer, register
+from .fold_math import (
+    bn_affine,
+    fold_expert_output_channels,
+    fold_input_channels,
+    fold_output_channels,
+)
+from .norm_swaps import activation_or_identity
 from .weight_norms import bake_in_place, legacy_hook_types, legacy_hooks
 
 # Operations that move elements around without changing them; a BN can be folded through them
@@ -31,7 +36,7 @@ def _allowed_targets() -> tuple[type, ...]:
     from timm.layers.cond_conv2d import CondConv2d
     from timm.layers.conv2d_same import Conv2dSame
 
-    from .layers import ShiftedCondConv2d
+    from ..layers import ShiftedCondConv2d
 
     return (
         nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -381,7 +386,7 @@ def write_folded_experts(module: nn.Module, s: torch.Tensor, t: torch.Tensor,
     The module becomes a ShiftedCondConv2d (still a CondConv2d), whose constant shift
     is added inside the same convolution.
     """
-    from .layers import ShiftedCondConv2d
+    from ..layers import ShiftedCondConv2d
 
     w, b = fold_expert_output_channels((source or module).weight, module.bias, s,
                                        out_channels=module.out_channels, out=module.weight)
@@ -443,7 +448,7 @@ def fold(ctx) -> Built:
     if not site.foldable:
         frozen = family_of(bn) == "frozen_batchnorm"
         if opts["unfoldable"] == "affine" and (frozen or not bn.training) and getattr(bn, "running_mean", None) is not None:
-            from .layers import ChannelAffine
+            from ..layers import ChannelAffine
 
             new = ChannelAffine.from_bn(bn)
             return Built(new, [f"not folded ({site.reason}); now a per-channel affine"])

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .catalog.folding import fold_site, next_layer_site
 from .families import channels_of, family_of, is_norm_layer, near_family_of
-from .folding import fold_site, next_layer_site
 from .graph import DataFlow, describe, record, users_of
 from .inputs import make_inputs
 

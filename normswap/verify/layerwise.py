@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from .families import family_of
-from .fold_math import bn_affine
-from .graph import is_leaf_module
+from ..catalog.fold_math import bn_affine
+from ..families import family_of
+from ..graph import is_leaf_module
 from .metrics import channel_affine, max_errors, scale_of
 
 _BN_FAMILIES = ("batchnorm", "frozen_batchnorm")
@@ -157,8 +157,8 @@ def fold_links(reference: nn.Module, candidate: nn.Module, example_args: tuple) 
             folded.append(path)
     if not folded:
         return {}
-    from .folding import fold_site, next_layer_site
-    from .graph import record
+    from ..catalog.folding import fold_site, next_layer_site
+    from ..graph import record
 
     flow = record(reference, example_args if len(example_args) != 1 else example_args[0])
     links: dict[str, FoldLink] = {}

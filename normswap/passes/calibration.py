@@ -32,11 +32,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InputSpecError, NormswapError
-from .families import family_of
-from .fold_math import bn_affine
+from ..catalog.fold_math import bn_affine
+from ..errors import InputSpecError, NormswapError
+from ..families import family_of
+from ..verify.metrics import channel_affine, cosine, looks_like_logits, top1_matches
 from .lockstep import Lockstep
-from .metrics import channel_affine, cosine, looks_like_logits, top1_matches
 
 FITS = ("least_squares", "moments")
 GROUP_TOLERANCE = 0.002  # calibration_groups="auto": own error within this of the best count's (see docs)
@@ -218,7 +218,7 @@ def _error(s: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> float:
 
 def _outputs(model: nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
     """The first output tensor for each batch, in float64 (what the fidelity figures compare)."""
-    from .check import _leaves
+    from ..verify.check import _leaves
 
     with torch.no_grad():
         return [_leaves(model(*b))[0][0].detach().double() for b in batches]
@@ -259,9 +259,9 @@ def group_candidates(plan, swaps: dict[str, nn.Module], mode: str | float = "kee
     is kept. The most groups whose own fitted error is within the tolerance of
     the best count's is taken (``_choose_groups``).
     """
-    from .grouping import valid_group_counts
-    from .match import glob_match
-    from .registry import normalise
+    from ..catalog.grouping import valid_group_counts
+    from ..match import glob_match
+    from ..registry import normalise
 
     if mode == "keep":
         return {}, GROUP_TOLERANCE
@@ -313,7 +313,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
     The last eighth of the batches (at least one, when there are two or more) is
     held back to measure how much of the original function survived.
     """
-    from .inputs import as_args
+    from ..inputs import as_args
 
     if fit not in FITS:
         raise InputSpecError(f"unknown calibration fit {fit!r}", fix=f"use one of {', '.join(FITS)}")
@@ -355,7 +355,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
 
 
 def _run(original, candidate, targets, fit_on, held_back, fit, group, report) -> None:
-    from .check import eval_mode
+    from ..verify.check import eval_mode
 
     with torch.no_grad(), eval_mode(original, candidate):
         before = _outputs(candidate, held_back) if held_back else []

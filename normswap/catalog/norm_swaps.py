@@ -5,12 +5,12 @@ import copy
 
 import torch.nn as nn
 
-from . import carry
-from .families import activation_of, channels_of
+from .. import carry
+from ..families import activation_of, channels_of
+from ..match import glob_match
+from ..module_copy import deepcopy_module
+from ..registry import Built, Option, SkipLayer, register
 from .grouping import choose_num_groups, valid_group_counts
-from .match import glob_match
-from .module_copy import deepcopy_module
-from .registry import Built, Option, SkipLayer, register
 
 _BN_LIKE = ("batchnorm", "frozen_batchnorm")
 
@@ -158,7 +158,7 @@ def _with_activation(ctx, new: nn.Module, notes: list[str]) -> nn.Module:
     act = activation_of(ctx.module)
     if act is None or all(isinstance(m, nn.Identity) for m in act):
         return new
-    from .layers.norm_act import act_class
+    from ..layers.norm_act import act_class
 
     paired = act_class(type(new))
     new.__class__ = paired  # same state, plus the drop/act slots the mixin runs after the norm
@@ -434,7 +434,7 @@ def _needs_running_stats(old: nn.Module, target: str) -> None:
     ),
 )
 def batch_renorm(ctx) -> Built:
-    from .layers.renorm import _BatchRenorm
+    from ..layers.renorm import _BatchRenorm
 
     old = ctx.module
     _needs_running_stats(old, "Batch Renorm")
@@ -465,7 +465,7 @@ def batch_renorm(ctx) -> Built:
     ),
 )
 def ibn(ctx) -> Built:
-    from .layers.ibn import IBN
+    from ..layers.ibn import IBN
 
     old, ratio = ctx.module, ctx.options["ratio"]
     _needs_running_stats(old, "IBN")
@@ -484,7 +484,7 @@ def ibn(ctx) -> Built:
 
 
 def _conditional(ctx, cls_name: str, what: str) -> Built:
-    from .layers import conditional
+    from ..layers import conditional
 
     cls = getattr(conditional, cls_name)
     old, n = ctx.module, ctx.options["num_conditions"]

@@ -1,180 +1,38 @@
-"""Recipes: YAML -> validated, frozen plain data.
+"""Recipes from YAML: found by name or path, composed with line numbers, validated all at once.
 
 Every problem in a recipe is collected and raised at once as a RecipeError, each
-with its file and line. Option names and types come from the replacement
-registry, which is also what the shipped JSON Schema is generated from.
+with its file and line. Option names and types come from the replacement registry.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import re
-from dataclasses import dataclass, field, replace as dc_replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from . import registry
-from .errors import NormswapError, Problem, RecipeError
-from .families import family_classes
-from .match import ChannelRange, Selector
-
-VERSION = 1
-MAX_RECIPE_BYTES = 1 << 20
-MAX_NODES = 20_000
-MAX_DEPTH = 40
-
-RECIPE_KEYS = ("version", "name", "description", "params", "rules", "check")
-RULE_KEYS = ("name", "match", "replace", "with", "carry", "required", "when", "calibrate")
-MATCH_KEYS = ("family", "type", "path", "exclude", "channels", "include_subclasses")
-CHANNEL_KEYS = ("min", "max")
-CHECK_MODES = ("numeric", "interface", "none")
-_PARAM_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-
-
-@dataclass(frozen=True)
-class Rule:
-    index: int
-    name: str
-    selector: Selector
-    replace: str
-    options: Mapping[str, Any]  # as written; "${p}" refers to a recipe parameter
-    carry: tuple[str, ...] | None
-    required: bool
-    line: int | None
-    template: Selector | None = None  # the match as written, "${p}" in path/exclude unresolved
-    when: Any = True  # true, false, or "${p}" naming a true/false parameter: whether the rule is used
-    calibrate: bool | None = None  # fit the new layers on calibration data: None = when data is given
-
-    def bind(self, params: Mapping[str, Any]) -> "Rule":
-        """This rule with ``${p}`` in its match's path/exclude replaced by the parameter's value."""
-        template = self.template or self.selector
-
-        def resolve(patterns: tuple[str, ...]) -> tuple[str, ...]:
-            out: list[str] = []
-            for pat in patterns:
-                ref = _PARAM_REF.match(pat)
-                value = params.get(ref.group(1)) if ref else pat
-                out.extend([value] if isinstance(value, str) else list(value or ()))
-            return tuple(out)
-
-        selector = dc_replace(template, paths=resolve(template.paths), exclude=resolve(template.exclude))
-        return dc_replace(self, selector=selector, template=template)
-
-    def match_params(self) -> list[str]:
-        """Names of the parameters this rule's path/exclude refer to."""
-        return self.path_params() + self.exclude_params()
-
-    def path_params(self) -> list[str]:
-        template = self.template or self.selector
-        return [m.group(1) for p in template.paths if (m := _PARAM_REF.match(p))]
-
-    def exclude_params(self) -> list[str]:
-        template = self.template or self.selector
-        return [m.group(1) for p in template.exclude if (m := _PARAM_REF.match(p))]
-
-    def label(self) -> str:
-        return f"rule {self.index + 1} ({self.name})" if self.name else f"rule {self.index + 1}"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    description: str
-    version: int
-    params: Mapping[str, Any]
-    rules: tuple[Rule, ...]
-    check: str
-    source: str
-    data: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
-
-    def with_params(self, overrides: Mapping[str, Any] | None) -> "Recipe":
-        """The recipe with parameter values replaced; unknown names and bad values are errors."""
-        if not overrides:
-            self.resolved_options(allow_unset=True)  # still validate "${p}" values against their options
-            return self._bound()
-        problems = []
-        for key in overrides:
-            if key not in self.params:
-                hint = registry.suggest(key, sorted(self.params)) if self.params else "it declares no params"
-                problems.append(Problem(self.source, None, f"unknown parameter '{key}' for recipe '{self.name}'; {hint}"))
-        if problems:
-            raise RecipeError(problems)
-        params = dict(self.params)
-        params.update(overrides)
-        data = copy.deepcopy(dict(self.data))
-        data["params"] = params
-        out = dc_replace(self, params=params, data=data)
-        out.resolved_options(allow_unset=True)
-        return out._bound()
-
-    def _bound(self) -> "Recipe":
-        """Rules with path parameters resolved and rules turned off by ``when:`` dropped.
-
-        A path parameter must be a glob or a list of globs; a ``when`` parameter true or false.
-        """
-        problems = []
-        active = []
-        for rule in self.rules:
-            ref = _PARAM_REF.match(rule.when) if isinstance(rule.when, str) else None
-            value = self.params.get(ref.group(1)) if ref else rule.when
-            if not isinstance(value, bool):
-                problems.append(Problem(self.source, rule.line, f"{rule.label()}: parameter '{ref.group(1)}' is used "
-                                        f"as the rule's 'when', so it must be true or false, got {value!r}"))
-            elif value:
-                active.append(rule)
-        for rule in active:
-            for name in rule.match_params():
-                value = self.params.get(name)
-                empty_ok = name not in rule.path_params()  # excluding nothing is fine; selecting nothing is not
-                ok = (isinstance(value, str) and value) or (
-                    isinstance(value, list) and (value or empty_ok) and all(isinstance(x, str) and x for x in value))
-                if not ok:
-                    what = "a glob or a list of globs" + (" (possibly empty)" if empty_ok else "")
-                    problems.append(Problem(self.source, rule.line, f"{rule.label()}: parameter '{name}' is used as "
-                                            f"a path glob, so it must be {what}, got {value!r}"))
-        if problems:
-            raise RecipeError(problems)
-        return dc_replace(self, rules=tuple(r.bind(self.params) for r in active))
-
-    def resolved_options(self, *, allow_unset: bool = False) -> list[dict[str, Any]]:
-        """Each rule's options with parameters substituted and defaults filled in, type-checked.
-
-        A parameter declared ``null`` for an option that needs a value must be set by the
-        caller; ``allow_unset`` defers that (listing or validating a recipe is not using it).
-        """
-        out, problems = [], []
-        for rule in self.rules:
-            repl = registry.get(rule.replace)
-            opts = repl.defaults()
-            for key, value in rule.options.items():
-                ref = _PARAM_REF.match(value) if isinstance(value, str) else None
-                if ref:
-                    value = self.params[ref.group(1)]
-                opt = repl.option(key)
-                if ref and value is None and opt is not None and not opt.nullable:
-                    if not allow_unset:
-                        name = ref.group(1)
-                        problems.append(Problem(self.source, rule.line, f"parameter '{name}' has no default and must "
-                                                f"be set: --set {name}=... or {name}=... in Python"))
-                    continue
-                why = opt.problem(value) if opt else None
-                if why:
-                    via = f" (from parameter '{ref.group(1)}')" if ref else ""
-                    problems.append(Problem(self.source, rule.line, f"{rule.label()}: {why}{via}"))
-                opts[key] = value
-            out.append(opts)
-        if problems:
-            raise RecipeError(problems)
-        return out
-
-    def to_data(self) -> dict:
-        return copy.deepcopy(dict(self.data))
-
+from .. import registry
+from ..errors import NormswapError, Problem, RecipeError
+from ..families import family_classes
+from ..match import ChannelRange, Selector
+from .model import (
+    CHANNEL_KEYS,
+    CHECK_MODES,
+    MATCH_KEYS,
+    MAX_DEPTH,
+    MAX_NODES,
+    MAX_RECIPE_BYTES,
+    PARAM_REF,
+    RECIPE_KEYS,
+    RULE_KEYS,
+    VERSION,
+    Recipe,
+    Rule,
+)
 
 # ---------------------------------------------------------------- finding recipes
 
@@ -427,7 +285,7 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
     selector = _parse_match(v, rd.get("match"), path + ("match",), label, "match" in rd)
     for key in ("path", "exclude"):
         for pat in (selector.paths if key == "path" else selector.exclude) if selector else ():
-            ref = _PARAM_REF.match(pat)
+            ref = PARAM_REF.match(pat)
             if ref and ref.group(1) not in params:
                 v.add(path + ("match", key), f"{label}: '{pat}' refers to an undeclared parameter; declare it under 'params:'")
             elif ref:
@@ -455,7 +313,7 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
                 hint = registry.suggest(key, valid) if valid else f"'{repl.name}' takes no options"
                 v.add(path + ("with", key), f"{label}: unknown option '{key}' for {repl.name}; {hint}")
                 continue
-            ref = _PARAM_REF.match(value) if isinstance(value, str) else None
+            ref = PARAM_REF.match(value) if isinstance(value, str) else None
             if ref:
                 if ref.group(1) not in params:
                     v.add(path + ("with", key), f"{label}: '{value}' refers to an undeclared parameter; declare it under 'params:'")
@@ -482,7 +340,7 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
         v.add(path + ("required",), f"{label}: 'required' must be true or false, got {required!r}")
         required = False
     when = rd.get("when", True)
-    ref = _PARAM_REF.match(when) if isinstance(when, str) else None
+    ref = PARAM_REF.match(when) if isinstance(when, str) else None
     if ref:
         if ref.group(1) not in params:
             v.add(path + ("when",), f"{label}: '{when}' refers to an undeclared parameter; declare it under 'params:'")
@@ -550,77 +408,3 @@ def _parse_channels(v: _Validator, cd: Any, path: tuple, label: str) -> ChannelR
         return ChannelRange(min=lo, max=hi)
     v.add(path, f"{label}: 'channels' must be a positive integer, a list of them, or {{min: N, max: M}}")
     return None
-
-
-# ---------------------------------------------------------------- JSON Schema
-
-
-def recipe_schema() -> dict:
-    """JSON Schema for recipe files, generated from the same tables the validator uses."""
-    str_or_list = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
-    param_ref = {"type": "string", "pattern": _PARAM_REF.pattern}
-    conditionals = []
-    for name in registry.names():
-        repl = registry.get(name)
-        props = {o.name: {"anyOf": [o.json_schema(), param_ref]} for o in repl.options}
-        conditionals.append({
-            "if": {"properties": {"replace": {"const": repl.name}}, "required": ["replace"]},
-            "then": {"properties": {
-                "with": {"type": "object", "properties": props, "additionalProperties": False},
-                "carry": {"oneOf": [{"enum": list(repl.carries) + ["none"]},
-                                     {"type": "array", "items": {"enum": list(repl.carries) + ["none"]}}]},
-            }},
-        })
-    rule = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["match", "replace"],
-        "properties": {
-            "name": {"type": "string"},
-            "match": {
-                "type": "object",
-                "additionalProperties": False,
-                "minProperties": 1,
-                "properties": {
-                    "family": {"oneOf": [{"enum": list(family_classes())},
-                                         {"type": "array", "items": {"enum": list(family_classes())}, "minItems": 1}]},
-                    "type": str_or_list,
-                    "path": str_or_list,
-                    "exclude": str_or_list,
-                    "channels": {"oneOf": [
-                        {"type": "integer", "minimum": 1},
-                        {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
-                        {"type": "object", "additionalProperties": False,
-                         "properties": {"min": {"type": "integer", "minimum": 1}, "max": {"type": "integer", "minimum": 1}}},
-                    ]},
-                    "include_subclasses": {"type": "boolean"},
-                },
-            },
-            "replace": {"enum": registry.names()},
-            "with": {"type": "object"},
-            "carry": {},
-            "required": {"type": "boolean"},
-            "when": {"anyOf": [{"type": "boolean"}, param_ref]},
-            "calibrate": {"type": "boolean"},
-        },
-        "allOf": conditionals,
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "normswap recipe",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["version", "rules"],
-        "properties": {
-            "version": {"const": VERSION},
-            "name": {"type": "string", "minLength": 1},
-            "description": {"type": "string"},
-            "params": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
-            "rules": {"type": "array", "minItems": 1, "items": rule},
-            "check": {"enum": list(CHECK_MODES)},
-        },
-    }
-
-
-def schema_text() -> str:
-    return json.dumps(recipe_schema(), indent=2, sort_keys=True) + "\n"

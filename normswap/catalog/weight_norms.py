@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrizations, parametrize
 
-from . import carry
-from .registry import Built, Option, SkipLayer, register
+from .. import carry
+from ..registry import Built, Option, SkipLayer, register
 
 EMA_NOTE = ("spectral norm keeps power-iteration vectors (parametrizations.weight.0._u / _v); an EMA of the "
             "weights must copy them, not average them (an averaged u/v is not a singular vector and can blow "
-            "up the normalized weight): see normswap.weight_norms.power_iteration_buffers")
+            "up the normalized weight): see normswap.catalog.weight_norms.power_iteration_buffers")
 
 
 def _weight_dim(module: nn.Module) -> int:
@@ -116,7 +116,7 @@ def weight_norm(ctx) -> Built:
     ),
 )
 def cosine_norm(ctx) -> Built:
-    from .layers.cosine import CosineConv, CosineLinear
+    from ..layers.cosine import CosineConv, CosineLinear
 
     old = ctx.module
     if parametrize.is_parametrized(old):

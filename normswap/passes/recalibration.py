@@ -28,9 +28,9 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from .errors import InputSpecError, NormswapError
-from .families import family_of
-from .inputs import as_args
+from ..errors import InputSpecError, NormswapError
+from ..families import family_of
+from ..inputs import as_args
 from .lockstep import Lockstep, Stop
 from .moments import Moments, chunk_moments, combine_all
 
@@ -143,7 +143,13 @@ def _hooks(targets: dict[nn.Module, str], hook):
 def _progress(enabled: bool, total: int, what: str):
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         transient=True)
@@ -285,7 +291,7 @@ def recalibrate(
     if _all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
         raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if world > 1 else ""),
                              fix="give at least one batch to every process")
-    from .engine import copy_model
+    from ..engine import copy_model
 
     work = copy_model(model)
     targets, skipped = _targets(work)

@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .errors import InputSpecError
-from .inputs import infer_input_size, model_dtype_device
+from ..errors import InputSpecError
+from ..inputs import infer_input_size, model_dtype_device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
@@ -62,7 +62,7 @@ def image_folder_batches(model: nn.Module, folder: str | os.PathLike, batch_size
 
 def tensor_file_batches(path: str | os.PathLike) -> list[torch.Tensor]:
     """Batches from a tensor file: a tensor (one batch) or a list of tensors (``io.load_inputs``)."""
-    from .io import load_inputs
+    from ..model_io import load_inputs
 
     return [args[0] if len(args) == 1 else args for args in load_inputs(path)]
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import NormswapError
-from .inputs import as_args
+from ..errors import NormswapError
+from ..inputs import as_args
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 

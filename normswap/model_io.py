@@ -21,9 +21,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .errors import InputSpecError, ModelLoadError, OutputError, UnsafePickleError
-from .export import FORMATS as EXPORT_SUFFIX
+from .verify.export import FORMATS as EXPORT_SUFFIX
 
 SIDECAR_SUFFIX = ".json"
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")

@@ -1,0 +1,1 @@
+"""Data-driven passes: batches in, statistics or fitted affines out (lockstep forwards, moments, AdaBN, calibration)."""

@@ -1,0 +1,1 @@
+"""Verification: numeric and interface checks, per-layer comparison, error metrics, verified export, plots."""
