@@ -39,7 +39,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = timm_model(name, args.side)
         folded = normswap.fold(model, input_size=(1, 3, args.side, args.side), check=False)
-        fold_map = engine.plan(model, "fold_bn", input_size=(1, 3, args.side, args.side)).links
+        fold_map = engine.plan(model, "fold_bn", input_size=(1, 3, args.side, args.side)).fold_map
         ref64, cand64 = copy.deepcopy(model).double(), copy.deepcopy(folded).double()
         x = torch.randn(1, 3, args.side, args.side, dtype=torch.float64)
         noisy = _perturbed(ref64, _changed_tensors(model, folded), UNIT_ROUNDOFF[torch.float32], 0)

@@ -5,11 +5,10 @@ from typing import Any, Mapping
 
 import torch.nn as nn
 
-from . import engine
-from .errors import CheckFailedError
-from .model_io import load
+from .errors import InputSpecError
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import Report
+from .rewrite import load, rewrite
 from .verify.check import CheckResult
 from .verify.check import check as run_check
 
@@ -18,8 +17,7 @@ __all__ = ["apply", "plan", "fold", "bake", "migrate", "check", "load", "list_re
 
 def plan(model: nn.Module, recipe: Recipe | Mapping | str, **kwargs: Any) -> Report:
     """What ``apply`` would do, as a Report, without touching ``model``."""
-    p = engine.plan(model, recipe, **kwargs)
-    return Report.from_plan(p, model, applied=False)
+    return rewrite(model, recipe, dry_run=True, **kwargs).report
 
 
 def apply(
@@ -51,47 +49,14 @@ def apply(
     (``normswap.passes.calibration``; ``calibration_fit`` picks the fit); the report's
     ``calibration`` entry says how much of the original function survived.
     """
-    from .passes.calibration import calibrate, group_candidates, swaps_to_calibrate
-
     if calibration is not None:
         calibration = list(calibration)
         if example_inputs is None and input_size is None and calibration:
             example_inputs = calibration[0]  # the data says what the model takes
-    # low_memory: edits of neighbouring layers (folds) are written at commit straight into the live layers, so no
-    # copy of each edited layer is held. The price: an edit that fails there (out of memory) leaves the model
-    # partly edited, so it is opt-in, in place only, with nothing to roll back or calibrate.
-    if low_memory and (not inplace or check or calibration is not None):
-        from .errors import InputSpecError
-
-        raise InputSpecError("low_memory=True edits the model in place at commit: it needs inplace=True, "
-                             "check=False and no calibration", fix="pass inplace=True, check=False")
-    defer = low_memory
-    p = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, defer_edits=defer, **params)
-    report = Report.from_plan(p, model, applied=True)
-    reference = engine.copy_model(model) if (check and inplace) else model
-    swaps = swaps_to_calibrate(p, calibration is not None)
-    if swaps:  # fitted on a private copy holding the prepared layers, before anything touches the caller's model
-        work = engine.copied_with(model, p)
-        groups, tolerance = group_candidates(p, swaps, calibration_groups)
-        report.calibration = calibrate(model, work, swaps, calibration, fit=calibration_fit, groups=groups,
-                                       tolerance=tolerance).to_json()
-    if inplace:
-        target, undo = model, engine.commit(model, p)
-    else:
-        target, undo = (work if swaps else engine.copied_with(model, p)), []
-    if check and p.recipe.check != "none":
-        inputs = example_inputs
-        result: CheckResult = run_check(reference, target, inputs, mode=p.recipe.check, input_size=input_size,
-                                        fold_map=p.links)
-        report.check = {"mode": result.mode, **result.to_json()}
-        if not result.ok:
-            if inplace:
-                engine.rollback(undo)
-            raise CheckFailedError(
-                f"recipe '{p.recipe.name}': the rewritten model failed the {result.mode} check: {result.summary}",
-                result=result, report=report,
-            )
-    return (target, report) if return_report else target
+    done = rewrite(model, recipe, inplace=inplace, check=check, example_inputs=example_inputs, input_size=input_size,
+                   calibration=calibration, calibration_fit=calibration_fit, calibration_groups=calibration_groups,
+                   low_memory=low_memory, **params)
+    return (done.model, done.report) if return_report else done.model
 
 
 def check(reference: nn.Module, candidate: nn.Module, inputs: Any = None, **kwargs: Any) -> CheckResult:
@@ -142,7 +107,6 @@ def migrate(state_dict: Mapping[str, Any], to: str | None = None) -> dict:
     ``weight_orig``/``weight_u``/``weight_v`` and ``weight_g``/``weight_v`` hooks); by
     default the other one from what ``state_dict`` holds. See the table in ``normswap/norm_keys.py``.
     """
-    from .errors import InputSpecError
     from .norm_keys import convert, detect
 
     found = detect(state_dict)

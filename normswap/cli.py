@@ -12,19 +12,13 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import engine
 from ._version import __version__
-from .errors import InputSpecError, NormswapError
+from .errors import CheckFailedError, InputSpecError, NormswapError, OutputError
 from .inputs import parse_input_size
-from .model_io import Loaded, load_inputs, load_model, resolve_output, save_model
-from .passes.calibration import (
-    calibrate,
-    group_candidates,
-    swaps_to_calibrate,
-    with_chosen_groups,
-)
+from .model_io import Loaded, load_inputs, resolve_output, save_model
 from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
+from .rewrite import Rewrite, load_input, rewrite
 from .verify.check import check as run_check
 from .verify.export import format_for
 
@@ -51,7 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="normswap", description="Model surgery for normalization layers.")
     parser.add_argument("--version", action="version", version=f"normswap {__version__}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _add_apply(sub)
+    _add_fold(sub)
+    _add_bake(sub)
+    _add_recalibrate(sub)
+    _add_migrate(sub)
+    _add_inspect(sub)
+    _add_check(sub)
+    p = sub.add_parser("recipes", help="list the built-in recipes")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("schema", help="print the JSON Schema for recipe files")
+    return parser
 
+
+def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="rewrite a model by a recipe")
     p.add_argument("recipe", metavar="RECIPE", help="built-in recipe name or YAML file")
     _model_args(p)
@@ -72,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fitted error is within TOL (auto: 0.005) of the best count's (see docs/calibration.md)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+
+def _add_fold(sub) -> None:
     p = sub.add_parser("fold", help="fold BatchNorm into the conv/linear layers next to it, for deployment")
     _model_args(p)
     p.add_argument("-o", "--output", help="output file (.safetensors, .pt, or with --export .onnx / .pt2)")
@@ -83,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+
+def _add_bake(sub) -> None:
     p = sub.add_parser("bake", help="replace spectral/weight-norm parametrizations by plain weights, for deployment")
     _model_args(p)
     p.add_argument("-o", "--output", help="output file (.safetensors or .pt: a baked model pickles)")
@@ -91,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+
+def _add_recalibrate(sub) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate BatchNorm statistics on new data (AdaBN), exactly")
     _model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -107,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+
+def _add_migrate(sub) -> None:
     p = sub.add_parser("migrate", help="rename spectral/weight-norm state-dict keys between torch's old hooks "
                                       "and its parametrizations")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a state dict or training checkpoint (.pt/.pth/.safetensors)")
@@ -115,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target format (default: the other one from what the file holds)")
     p.add_argument("--json", action="store_true", help="print what was renamed as JSON")
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the normalization layers with their producers and users")
     _model_args(p)
     p.add_argument("--input-size", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--json", action="store_true")
 
+
+def _add_check(sub) -> None:
     p = sub.add_parser("check", help="compare two models on the same inputs; name the first layer where they part",
                        description="Exit 0: equivalent; 1: not; 2: bad input.")
     p.add_argument("reference", metavar="REFERENCE", help="the original model (spec or file)")
@@ -138,11 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="draw the per-layer error along the network (needs matplotlib)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("recipes", help="list the built-in recipes")
-    p.add_argument("--json", action="store_true")
-    sub.add_parser("schema", help="print the JSON Schema for recipe files")
-    return parser
-
 
 def _console(stream=None):
     from rich.console import Console
@@ -155,7 +169,7 @@ def _params(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise NormswapError(f"--set {item!r} is not KEY=VALUE", fix="write it like --set num_groups=16", code="input_invalid")
+            raise InputSpecError(f"--set {item!r} is not KEY=VALUE", fix="write it like --set num_groups=16")
         try:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
@@ -164,7 +178,7 @@ def _params(items: list[str]) -> dict[str, Any]:
 
 
 def _load(args, source: str | None = None) -> Loaded:
-    loaded = load_model(
+    loaded = load_input(
         source or args.model, arch=args.arch, weights=getattr(args, "weights", None),
         trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False),
     )
@@ -194,56 +208,49 @@ def cmd_fold(args) -> int:
 def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eval_mode: bool = False) -> int:
     """Plan, apply to a copy, check, and write atomically; nothing is written unless the check passes."""
     if loaded is None:
-        raise NormswapError(f"{args.command} needs -o OUT (or --dry-run)", fix="add -o result.safetensors",
-                            code="input_invalid")
+        raise InputSpecError(f"{args.command} needs -o OUT (or --dry-run)", fix="add -o result.safetensors")
     out = None if args.dry_run else resolve_output(args.output, loaded, export=export)
     input_size = tuple(loaded.input_size) if loaded.input_size else None
     batches = None if args.dry_run else _calibration_batches(args, loaded, input_size)
     if batches and input_size is None:
         input_size = tuple(batches[0].shape)  # the data says what the model takes; the sidecar keeps it for replay
         loaded.input_size = list(input_size)
-    plan = engine.plan(loaded.model, recipe, input_size=input_size)
-    report = Report.from_plan(plan, loaded.model, applied=not args.dry_run)
+    try:
+        done = rewrite(loaded.model, recipe, check=not args.no_check, dry_run=args.dry_run, input_size=input_size,
+                       calibration=batches, calibration_fit=getattr(args, "calibrate_fit", "least_squares"),
+                       calibration_groups=getattr(args, "calibrate_groups", "keep"))
+    except CheckFailedError as failed:
+        failed.report.notes[:0] = loaded.notes
+        failed.report.notes.append("a check failed: nothing was written")
+        _emit(args, failed.report)
+        return 1
+    report = done.report
     report.notes[:0] = loaded.notes
-    if args.dry_run:
-        _emit(args, report)
-        return 0
-    model = engine.copied_with(loaded.model, plan)
-    swaps = swaps_to_calibrate(plan, batches is not None)
-    if swaps:
-        groups, tolerance = group_candidates(plan, swaps, args.calibrate_groups)
-        report.calibration = calibrate(loaded.model, model, swaps, batches, fit=args.calibrate_fit, groups=groups,
-                                       tolerance=tolerance).to_json()
-    status = 0
-    if recipe.check != "none" and not args.no_check:
-        result = run_check(loaded.model, model, mode=recipe.check, input_size=input_size, fold_map=plan.links)
-        report.check = {"mode": result.mode, **result.to_json()}
-        if not result.ok:
-            status = 1
+    status = 0 if args.dry_run else _write(done, out, loaded, export, eval_mode)
+    _emit(args, report)
+    return status
+
+
+def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mode: bool) -> int:
+    """Export (verified) if asked, then save the model and its sidecar; 1 if the export differs."""
     data = None
-    if status == 0 and export is not None:
+    report = done.report
+    if export is not None:
         from .inputs import make_inputs
         from .verify.export import export_verified
 
-        exported = export_verified(model, make_inputs(model, input_size), export)
-        report.export = exported.to_json()
-        if exported.ok:
-            data = exported.data
-        else:
-            status = 1
+        input_size = tuple(loaded.input_size) if loaded.input_size else None
+        exported = export_verified(done.model, make_inputs(done.model, input_size), export)
+        report.export_result = exported
+        if not exported.ok:
             report.notes.append(f"the exported {export} model differs from PyTorch's output "
                                 f"(max rel {exported.max_rel:.2e})")
-    if status == 0:
-        step = {"recipe": with_chosen_groups(recipe.to_data(), plan, report.calibration),
-                "layers": {ch.path: ch.new_type for ch in plan.changes}}
-        if eval_mode:
-            step["eval_mode"] = True  # a replay must fold the same BNs, which only fold in eval mode
-        save_model(model, out, loaded, [step], report.to_json(), data=data)
-        report.notes.append(f"wrote {out} and {out.name}.json")
-    else:
-        report.notes.append("a check failed: nothing was written")
-    _emit(args, report)
-    return status
+            report.notes.append("a check failed: nothing was written")
+            return 1
+        data = exported.data
+    save_model(done.model, out, loaded, [done.replay_step(eval_mode=eval_mode)], report.to_json(), data=data)
+    report.notes.append(f"wrote {out} and {out.name}.json")
+    return 0
 
 
 def _group_mode(text: str) -> str | float:
@@ -265,7 +272,7 @@ def _calibration_batches(args, loaded: Loaded, input_size) -> list | None:
         for name in ("calibrate_batch_size", "calibrate_limit"):
             value = getattr(args, name)
             if value is not None and value < 1:
-                raise NormswapError(f"--{name.replace('_', '-')} {value} must be at least 1", code="input_invalid")
+                raise InputSpecError(f"--{name.replace('_', '-')} {value} must be at least 1")
         return sources.image_folder_batches(loaded.model, args.calibrate_data, args.calibrate_batch_size,
                                             limit=args.calibrate_limit, input_size=input_size)
     if getattr(args, "calibrate_tensors", None):
@@ -289,7 +296,7 @@ def cmd_recalibrate(args) -> int:
     for name in ("batch_size", "limit", "max_samples", "random"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise NormswapError(f"--{name.replace('_', '-')} {value} must be at least 1", code="input_invalid")
+            raise InputSpecError(f"--{name.replace('_', '-')} {value} must be at least 1")
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # under torchrun: every process takes a shard
@@ -330,18 +337,16 @@ def cmd_migrate(args) -> int:
     src = Path(args.checkpoint)
     out = Path(args.output)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise NormswapError(f"-o {out} would overwrite the input", fix="write to another file", code="output_invalid")
+        raise OutputError(f"-o {out} would overwrite the input", fix="write to another file")
     sd, notes = unwrap_checkpoint(read_object(src, trust_pickle=False), source=str(src))
     found = detect(sd)
     if found is None:
-        raise NormswapError(f"{src} has no spectral-norm or weight-norm keys to migrate "
+        raise InputSpecError(f"{src} has no spectral-norm or weight-norm keys to migrate "
                             "(weight_orig/_u/_v, weight_g/_v, or parametrizations.*)",
-                            fix="check that the checkpoint comes from a spectral- or weight-normalized model",
-                            code="input_invalid")
+                            fix="check that the checkpoint comes from a spectral- or weight-normalized model")
     to = args.to or ("parametrized" if found == "legacy" else "legacy")
     if to == found:
-        raise NormswapError(f"{src} is already in the {to} format", fix=f"use --to {'legacy' if to == 'parametrized' else 'parametrized'}",
-                            code="input_invalid")
+        raise InputSpecError(f"{src} is already in the {to} format", fix=f"use --to {'legacy' if to == 'parametrized' else 'parametrized'}")
     converted, renamed = convert(sd, to)
     save_state_dict(converted, out)
     result = {"input": str(src), "output": str(out), "from": found, "to": to, "renamed": renamed, "notes": notes}
@@ -368,21 +373,19 @@ def cmd_inspect(args) -> int:
 
 def cmd_check(args) -> int:
     if args.n_inputs < 1:
-        raise NormswapError(f"--n-inputs {args.n_inputs} must be at least 1", fix="use --n-inputs 2", code="input_invalid")
+        raise InputSpecError(f"--n-inputs {args.n_inputs} must be at least 1", fix="use --n-inputs 2")
     for name in ("rtol", "atol"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
-            raise NormswapError(f"--{name} {value} must be a non-negative number", fix=f"e.g. --{name} 1e-5",
-                                code="input_invalid")
+            raise InputSpecError(f"--{name} {value} must be a non-negative number", fix=f"e.g. --{name} 1e-5")
     if args.plot and args.mode != "numeric":
-        raise NormswapError("--plot draws the per-layer errors of a numeric check", fix="drop --mode interface",
-                            code="input_invalid")
+        raise InputSpecError("--plot draws the per-layer errors of a numeric check", fix="drop --mode interface")
     if args.plot and not Path(args.plot).parent.is_dir():
-        raise NormswapError(f"cannot write the plot {args.plot}: {Path(args.plot).parent} is not a directory",
-                            fix="give a path in an existing directory", code="output_invalid")
+        raise OutputError(f"cannot write the plot {args.plot}: {Path(args.plot).parent} is not a directory",
+                            fix="give a path in an existing directory")
     inputs = load_inputs(args.inputs) if args.inputs else None
-    ref = load_model(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
-    cand = load_model(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
+    ref = load_input(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
+    cand = load_input(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
     import torch
 
     input_size = parse_input_size(args.input_size) if args.input_size else None

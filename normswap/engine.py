@@ -11,81 +11,19 @@ from __future__ import annotations
 import contextlib
 import gc
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
 from . import registry
-from .errors import NormswapError, PlanError
+from .errors import ModelLoadError, NormswapError, PlanError
+from .factory import LayerContext, NeighbourEdit, SkipLayer
+from .fold_map import FoldLink
 from .graph import DataFlow, record
 from .inputs import make_inputs
 from .module_copy import deepcopy_module
 from .recipe import Recipe, Rule, load_recipe
-from .registry import Built, SkipLayer
-
-
-@dataclass
-class LayerContext:
-    """What a replacement factory may read about the layer it is building for."""
-
-    path: str
-    paths: list[str]
-    module: nn.Module  # the caller's module: read it, never change it
-    options: dict[str, Any]
-    carry: frozenset[str]
-    rule: Rule
-    recipe: Recipe
-    flow: DataFlow | None
-    model: nn.Module = field(repr=False, default=None)
-    prepared: dict = field(repr=False, default_factory=dict)  # canonical path -> Change planned so far
-    defer_edits: bool = False  # edit other layers at commit, in place, instead of planning edited copies
-    by_path: dict[str, nn.Module] = field(repr=False, default_factory=dict)  # every path of the model -> its module
-
-    def layer(self, path: str) -> nn.Module:
-        """The caller's module at ``path`` (any of its paths): a lookup, where ``get_submodule`` walks."""
-        found = self.by_path.get(path)
-        return found if found is not None else self.model.get_submodule(path)
-
-    def editable(self, path: str, uninitialized: tuple[str, ...] = ()) -> nn.Module:
-        """A private copy of another layer to edit (the planned one if an earlier rule already replaced it).
-
-        ``uninitialized``: names of parameters the caller will overwrite whole; the copy gets new,
-        uninitialized ones of the same shape, dtype and device instead of copies (one memory pass
-        less per weight). Ignored for a layer already planned.
-        """
-        if path in self.prepared:
-            return self.prepared[path].new
-        live = self.layer(path)
-        memo: dict[int, Any] = {}
-        for name in uninitialized:
-            p = live._parameters.get(name)
-            if p is not None:
-                memo[id(p)] = nn.Parameter(torch.empty_like(p, memory_format=torch.preserve_format),
-                                           requires_grad=p.requires_grad)
-        return deepcopy_module(live, memo)
-
-    def fail(self, message: str, fix: str | None = None) -> None:
-        raise PlanError(
-            f"recipe '{self.recipe.name}' {self.rule.label()}, layer '{self.path}' "
-            f"({type(self.module).__name__}): {message}",
-            fix=fix or f"change the rule in {self.recipe.source}",
-        )
-
-    def input_shape(self) -> tuple[int, ...] | None:
-        """The input shape of the layer's first call in the recorded forward (None if unknown)."""
-        shapes = self.input_shapes()
-        return shapes[0] if shapes else None
-
-    def input_shapes(self) -> list[tuple[int, ...]]:
-        """The input shape of every call: a layer called twice may see two shapes."""
-        if self.flow is None:
-            return []
-        try:
-            n = self.flow.call_count(self.path)
-            return [s for s in (self.flow.input_shape(self.path, i) for i in range(n)) if s is not None]
-        except KeyError:
-            return []
 
 
 @dataclass
@@ -97,7 +35,7 @@ class Change:
     new: nn.Module = field(repr=False)
     notes: list[str]
     carried: dict[str, str]
-    edits: list = field(default_factory=list)  # in-place edits of ``old`` itself, run at commit (defer_edits)
+    deferred: list[NeighbourEdit] = field(default_factory=list)  # written into ``old`` itself at commit (low_memory)
 
     @property
     def old_type(self) -> str:
@@ -126,7 +64,7 @@ class Plan:
     skipped: list[Skip]
     rule_matches: list[tuple[Rule, int]]
     notes: list[str] = field(default_factory=list)
-    links: dict[str, dict] = field(default_factory=dict)  # the rewrite's map for per-layer checks (folds)
+    fold_map: dict[str, FoldLink] = field(default_factory=dict)  # how folded layers line up, for per-layer checks
 
     def param_map(self, model: nn.Module) -> dict[str, str | None]:
         """Old parameter name -> new name (None where the parameter is gone), for the whole model."""
@@ -191,102 +129,141 @@ def plan(
                      defer_edits=defer_edits, **params)
 
 
-def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: Any, input_size: tuple[int, ...] | None,
-          flow: DataFlow | None, defer_edits: bool, **params: Any) -> Plan:
-    if not isinstance(model, nn.Module):
-        raise NormswapError(f"expected a torch.nn.Module, got {type(model).__name__}", code="model_load")
-    recipe = load_recipe(recipe, params)
-    options = recipe.resolved_options()
-    repls = [registry.get(r.replace) for r in recipe.rules]
+class _Planner:
+    """One planning pass: each module goes to the first rule that matches it; factories build, edits are made."""
 
-    if flow is None and any(r.needs_analysis for r in repls):
-        inputs = example_inputs if example_inputs is not None else make_inputs(model, input_size)
-        flow = record(model, inputs)
+    def __init__(self, model: nn.Module, recipe: Recipe, flow: DataFlow | None, defer_edits: bool):
+        self.model, self.recipe, self.flow, self.defer_edits = model, recipe, flow, defer_edits
+        self.options = recipe.resolved_options()
+        self.replacements = [registry.get(r.replace) for r in recipe.rules]
+        self.walk = module_paths(model)
+        self.paths_of = {id(m): p for m, p in self.walk}
+        self.layers = {path: m for m, paths in self.walk for path in paths}
+        self.prepared: dict[str, Change] = {}  # canonical path -> Change, in planning order
+        self.skipped: list[Skip] = []
+        self.counts = [0] * len(recipe.rules)
+        self.replaced: set[str] = set()
+        self.fold_map: dict[str, FoldLink] = {}
+        self.notes: list[str] = []
+        self.errors: list[NormswapError] = []
 
-    prepared: dict[str, Change] = {}  # canonical path -> Change, in planning order
-    skipped: list[Skip] = []
-    walk = module_paths(model)
-    paths_of = {id(m): p for m, p in walk}
-    by_path = {path: m for m, paths in walk for path in paths}
-    counts = [0] * len(recipe.rules)
-    replaced: set[str] = set()
-    links: dict[str, dict] = {}
-    plan_notes: list[str] = []
-    errors: list[PlanError] = []
-    for module, paths in walk:
-        if (_under(paths[0], replaced) and paths[0] not in replaced) or paths[0] in prepared:
-            continue  # inside a layer being replaced as a whole, or already replaced by an earlier rule
-        rule_i = next((i for i, r in enumerate(recipe.rules) if r.selector.matches(module, paths)), None)
-        if rule_i is None:
-            for r in recipe.rules:
-                why = r.selector.near_miss(module) if r.selector.path_matches(paths) else None
-                if why:
-                    skipped.append(Skip(paths[0], type(module).__name__, why, r.label()))
-                    break
-            continue
-        rule, repl = recipe.rules[rule_i], repls[rule_i]
-        counts[rule_i] += 1
+    def run(self) -> Plan:
+        for module, paths in self.walk:
+            if (_under(paths[0], self.replaced) and paths[0] not in self.replaced) or paths[0] in self.prepared:
+                continue  # inside a layer being replaced as a whole, or already replaced by an earlier rule
+            rule_i = next((i for i, r in enumerate(self.recipe.rules) if r.selector.matches(module, paths)), None)
+            if rule_i is None:
+                self._near_miss(module, paths)
+            else:
+                self.counts[rule_i] += 1
+                self._build(rule_i, module, paths)
+        self._required_rules()
+        if self.errors:
+            if len(self.errors) == 1:
+                raise self.errors[0]
+            raise PlanError(f"{len(self.errors)} problems:\n" + "\n".join(f"  - {e}" for e in self.errors))
+        return Plan(self.recipe, type(self.model).__name__, list(self.prepared.values()), self.skipped,
+                    list(zip(self.recipe.rules, self.counts)), notes=self.notes, fold_map=self.fold_map)
+
+    def _near_miss(self, module: nn.Module, paths: list[str]) -> None:
+        for r in self.recipe.rules:
+            why = r.selector.near_miss(module) if r.selector.path_matches(paths) else None
+            if why:
+                self.skipped.append(Skip(paths[0], type(module).__name__, why, r.label()))
+                return
+
+    def _build(self, rule_i: int, module: nn.Module, paths: list[str]) -> None:
+        rule, repl = self.recipe.rules[rule_i], self.replacements[rule_i]
         if paths[0] == "":
-            skipped.append(Skip("(model)", type(module).__name__, "the model itself cannot be replaced", rule.label()))
-            continue
+            self.skipped.append(Skip("(model)", type(module).__name__, "the model itself cannot be replaced",
+                                     rule.label()))
+            return
         ctx = LayerContext(
-            path=paths[0], paths=paths, module=module, options=dict(options[rule_i]),
+            path=paths[0], paths=paths, module=module, options=dict(self.options[rule_i]),
             carry=frozenset(rule.carry if rule.carry is not None else repl.default_carry),
-            rule=rule, recipe=recipe, flow=flow, model=model, prepared=prepared, defer_edits=defer_edits,
-            by_path=by_path,
+            rule=rule, recipe=self.recipe, flow=self.flow, layers=self.layers,
         )
+        built = self._attempt(lambda: repl.build(ctx), rule, repl.name, module, paths)
+        if built is None:
+            return
+        self.prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
+        self.replaced.update(paths)
+        self.fold_map.update(built.fold_links)
+        if repl.note and repl.note not in self.notes:
+            self.notes.append(repl.note)
+        for edit in built.edits:
+            self._attempt(lambda: self._edit(rule, edit), rule, repl.name, module, paths)
+
+    def _attempt(self, step: Callable[[], Any], rule: Rule, name: str, module: nn.Module, paths: list[str]) -> Any:
+        """Run one factory step; a problem is collected (every problem of every rule is raised at once)."""
         try:
-            built: Built = repl.build(ctx)
+            return step()
         except SkipLayer as s:
             if not s.quiet:
-                skipped.append(Skip(paths[0], type(module).__name__, s.reason, rule.label()))
-            continue
+                self.skipped.append(Skip(paths[0], type(module).__name__, s.reason, rule.label()))
         except NormswapError as e:
-            errors.append(e if isinstance(e, PlanError) else PlanError(str(e)))
-            continue
+            self.errors.append(e)
         except Exception as e:  # a factory that could not handle this layer
-            errors.append(PlanError(
-                f"recipe '{recipe.name}' {rule.label()}: {repl.name} failed on layer '{paths[0]}' "
+            self.errors.append(PlanError(
+                f"recipe '{self.recipe.name}' {rule.label()}: {name} failed on layer '{paths[0]}' "
                 f"({type(module).__name__}): {type(e).__name__}: {e}",
                 fix="exclude this layer with 'exclude:' in the rule's match",
             ))
-            continue
-        prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
-        replaced.update(paths)
-        links.update(built.links)
-        plan_notes.extend(n for n in built.plan_notes if n not in plan_notes)
-        for path, edit, notes in built.edits:
-            if path in prepared:
-                prepared[path].edits.append(edit)
-                prepared[path].notes.extend(notes)
-            else:
-                live = ctx.layer(path)
-                same = {n: n for n, _ in live.named_parameters()}
-                prepared[path] = Change(rule, path, paths_of[id(live)], live, live, list(notes), same, edits=[edit])
-        for path, new, notes in built.also:
-            if path in prepared:
-                prepared[path].new = new
-                prepared[path].notes.extend(notes)
-            else:
-                old = ctx.layer(path)
-                same = {n: n for n, _ in old.named_parameters()}  # an edited copy keeps its names
-                prepared[path] = Change(rule, path, paths_of[id(old)], old, new, list(notes), same)
+        return None
 
-    for rule, n in zip(recipe.rules, counts):
-        if rule.required and n == 0:
-            errors.append(PlanError(
-                f"recipe '{recipe.name}' {rule.label()} is required but matched no layer of "
-                f"{type(model).__name__}",
-                fix=f"check its match block at {recipe.source}" + (f":{rule.line}" if rule.line else "")
-                + ", or set 'required: false'",
-            ))
-    if errors:
-        if len(errors) == 1:
-            raise errors[0]
-        raise PlanError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
-    return Plan(recipe, type(model).__name__, list(prepared.values()), skipped, list(zip(recipe.rules, counts)),
-                notes=plan_notes, links=links)
+    def _edit(self, rule: Rule, edit: NeighbourEdit) -> None:
+        """Make a factory's neighbour edit: on a private copy now, or (low_memory) on the live layer at commit."""
+        planned = self.prepared.get(edit.path)
+        if planned is not None:
+            if planned.deferred:
+                planned.deferred.append(edit)
+                planned.notes.append(edit.note)
+            else:  # already a private module of the plan's: edit it further
+                planned.notes.extend(edit.write(planned.new, planned.new) + [edit.note])
+            return
+        live = self.layers[edit.path]
+        same = {n: n for n, _ in live.named_parameters()}  # an edited layer keeps its parameter names
+        change = Change(rule, edit.path, self.paths_of[id(live)], live, live, [], same)
+        if self.defer_edits and edit.in_place:
+            change.deferred.append(edit)
+            change.notes.append(edit.note)
+        else:
+            change.new = _private_copy(live, edit.overwrites)
+            change.notes.extend(edit.write(change.new, live) + [edit.note])
+        self.prepared[edit.path] = change
 
+    def _required_rules(self) -> None:
+        for rule, n in zip(self.recipe.rules, self.counts):
+            if rule.required and n == 0:
+                self.errors.append(PlanError(
+                    f"recipe '{self.recipe.name}' {rule.label()} is required but matched no layer of "
+                    f"{type(self.model).__name__}",
+                    fix=f"check its match block at {self.recipe.source}" + (f":{rule.line}" if rule.line else "")
+                    + ", or set 'required: false'",
+                ))
+
+
+def _private_copy(live: nn.Module, overwrites: tuple[str, ...]) -> nn.Module:
+    """A copy of ``live`` to edit; the parameters named in ``overwrites`` are new and uninitialized (the edit
+    writes them whole, reading the originals from ``live``): one memory pass less per weight."""
+    memo: dict[int, Any] = {}
+    for name in overwrites:
+        p = live._parameters.get(name)
+        if p is not None:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, memory_format=torch.preserve_format),
+                                       requires_grad=p.requires_grad)
+    return deepcopy_module(live, memo)
+
+
+def _plan(model: nn.Module, recipe: Recipe | Mapping | str, *, example_inputs: Any, input_size: tuple[int, ...] | None,
+          flow: DataFlow | None, defer_edits: bool, **params: Any) -> Plan:
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    recipe = load_recipe(recipe, params)
+    if flow is None and any(registry.get(r.replace).needs_analysis for r in recipe.rules):
+        inputs = example_inputs if example_inputs is not None else make_inputs(model, input_size)
+        flow = record(model, inputs)
+    return _Planner(model, recipe, flow, defer_edits).run()
 
 def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, attr = path.rpartition(".")
@@ -316,15 +293,15 @@ def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Modul
         parent._modules[attr] = new
     done: list[str] = []
     for ch in plan_.changes:  # deferred edits (low_memory): tensor writes on live layers, validated in the plan
-        for edit in ch.edits:
+        for edit in ch.deferred:
             try:
-                edit(ch.new)
+                edit.write(ch.new, ch.new)
             except Exception as e:
                 raise PlanError(f"the in-place edit of layer '{ch.path}' failed ({type(e).__name__}: {e}) after "
                                 f"{len(done)} layer(s) were written ({', '.join(done[:5]) or 'none'}): the model "
                                 "is partly edited", fix="reload the model; without low_memory the edits are "
                                 "prepared on copies and nothing is written unless all succeed") from None
-        if ch.edits:
+        if ch.deferred:
             done.append(ch.path)
     return [(parent, attr, old) for parent, attr, old, _ in slots]
 
@@ -340,7 +317,7 @@ def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
     The replaced modules are not copied at all: the deep copy is told to use the
     prepared ones in their place, so a fold does not copy every conv weight twice.
     """
-    if any(ch.edits for ch in plan_.changes):
+    if any(ch.deferred for ch in plan_.changes):
         raise PlanError("a plan with deferred in-place edits can only be committed to the model itself")
     memo: dict[int, Any] = {id(ch.old): ch.new for ch in plan_.changes}
     return copy_model(model, memo)
@@ -366,7 +343,7 @@ def copy_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modul
         with gc_paused():
             return deepcopy_module(model, memo)
     except Exception as e:
-        raise NormswapError(
+        raise PlanError(
             f"cannot copy {type(model).__name__} to rewrite it: {type(e).__name__}: {e}",
             fix="pass inplace=True to rewrite the model itself",
             code="model_copy",

@@ -57,6 +57,22 @@ class RecipeError(NormswapError):
         return out
 
 
+class RecipeFileError(NormswapError):
+    """A recipe file that cannot be read as a recipe at all (too large, a directory, unreadable)."""
+
+    code = "recipe_invalid"
+
+
+class RecipeNotFoundError(RecipeFileError):
+    code = "recipe_not_found"
+
+
+class RegistryError(NormswapError):
+    """A replacement name that is unknown, or registered twice."""
+
+    code = "registry"
+
+
 class ModelLoadError(NormswapError):
     code = "model_load"
 

@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from ._version import __version__
 from .errors import InputSpecError, ModelLoadError, OutputError, UnsafePickleError
-from .verify.export import FORMATS as EXPORT_SUFFIX
 
 SIDECAR_SUFFIX = ".json"
+EXPORT_SUFFIX = {"onnx": ".onnx", "pt2": ".pt2"}  # deployment formats (verify/export.py) -> file suffix
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema", "ema_state_dict")
 _PLAIN_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "network")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -129,7 +129,7 @@ def _sniff(path: Path) -> str:
     return "other"
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist", fix="check the path, or give a spec like timm:resnet50")
     if path.is_dir():
@@ -304,23 +304,23 @@ def load_model(
     trust_pickle: bool = False,
     ema: bool = False,
 ) -> Loaded:
-    """Any model input normswap accepts -> Loaded (see the README's "model inputs")."""
+    """A spec, a checkpoint or a trusted pickle -> Loaded (see the README's "model inputs").
+
+    A normswap ``.safetensors`` output is replayed by ``rewrite.load_input``, which calls this for the rest.
+    """
     text = os.fspath(source)
     if is_spec(text) and not os.path.exists(text):
         model = build_spec(text)
         loaded = Loaded(model, "spec", text, None, [f"built {text} with random weights (pretrained=False)"])
         if weights is not None:
             wpath = Path(weights)
-            _check_readable(wpath)
+            check_readable(wpath)
             sd, notes = unwrap_checkpoint(read_object(wpath, trust_pickle=False), ema=ema, source=str(wpath))
             notes += load_state_dict_into(model, sd, f"weights {wpath}", text)
             loaded.notes = [f"built {text} and loaded weights from {wpath}"] + notes
         return loaded
     path = Path(text)
-    _check_readable(path)
-    sidecar = _sidecar_of(path)
-    if sidecar is not None:
-        return _replay(path, sidecar)
+    check_readable(path)
     obj = read_object(path, trust_pickle=trust_pickle)
     if isinstance(obj, nn.Module):
         return Loaded(obj, "pickle", None, path, [f"unpickled a {type(obj).__name__} from {path} (--trust-pickle)"])
@@ -346,7 +346,7 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + SIDECAR_SUFFIX)
 
 
-def _sidecar_of(path: Path) -> dict | None:
+def sidecar_of(path: Path) -> dict | None:
     side = sidecar_path(path)
     if path.suffix != ".safetensors" or not side.exists():
         return None
@@ -359,44 +359,7 @@ def _sidecar_of(path: Path) -> dict | None:
     return data
 
 
-def _replay(path: Path, side: dict) -> Loaded:
-    """Rebuild a normswap output: architecture from its spec, the recorded recipes, then the weights."""
-    from .api import apply  # late: api imports io
-
-    spec = side.get("arch")
-    if not spec:
-        raise ModelLoadError(f"{sidecar_path(path)} does not say which architecture to rebuild")
-    model = build_spec(spec)
-    input_size = side.get("input_size")
-    for step in side.get("steps", []):
-        if step.get("eval_mode"):
-            model.eval()
-        if "recipe" not in step:  # a step that changed only weights (recalibration): they are in the file
-            continue
-        model = apply(model, step["recipe"], inplace=True,
-                      input_size=tuple(input_size) if input_size else None, **step.get("params", {}))
-        expected = step.get("layers")
-        if expected is not None:
-            got = {n: type(m).__name__ for n, m in model.named_modules()}
-            wrong = [p for p, t in expected.items() if got.get(p) != t]
-            if wrong:
-                raise ModelLoadError(
-                    f"replaying {sidecar_path(path)} gave a different model at {', '.join(wrong[:3])}",
-                    fix="load it with the normswap and timm versions that wrote it",
-                )
-    from safetensors.torch import load_file
-
-    sd = load_file(str(path))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    # safetensors drops the second name of a tied tensor; it must be one of the model's aliases
-    missing = [k for k in missing if not _is_tied_alias(model, k, sd)]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path} does not fit the replayed model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return Loaded(model, "normswap", spec, path, [f"rebuilt {spec} with {len(side.get('steps', []))} recorded step(s) and loaded {path}"],
-                  steps=list(side.get("steps", [])), input_size=input_size)
-
-
-def _is_tied_alias(model: nn.Module, key: str, sd: Mapping) -> bool:
+def is_tied_alias(model: nn.Module, key: str, sd: Mapping) -> bool:
     tensors = dict(model.state_dict(keep_vars=True))
     t = tensors.get(key)
     return t is not None and any(other is t and name in sd for name, other in tensors.items() if name != key)
@@ -516,8 +479,3 @@ def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], 
     os.replace(tmp_side, sidecar_path(path))
     os.replace(tmp_model, path)
     return path
-
-
-def load(source: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False, **kw: Any) -> nn.Module:
-    """Public ``normswap.load``: a spec, a checkpoint (with ``arch``), a normswap output, or a trusted pickle."""
-    return load_model(source, arch=arch, trust_pickle=trust_pickle, **kw).model

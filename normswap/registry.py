@@ -8,12 +8,12 @@ here, so the three can never disagree.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch.nn as nn
+from .errors import RegistryError
 
-from .errors import NormswapError
+Factory = Callable[..., Any]  # (LayerContext) -> Built; see factory.py
 
 _KINDS = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object", list: "array"}
 
@@ -62,39 +62,17 @@ class Option:
         return schema
 
 
-@dataclass
-class Built:
-    """What a factory returns: the prepared module and what the report should say about it."""
-
-    module: nn.Module
-    notes: list[str] = field(default_factory=list)
-    carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
-    also: list[tuple[str, nn.Module, list[str]]] = field(default_factory=list)  # other layers replaced: (path, new, notes)
-    links: dict[str, dict] = field(default_factory=dict)  # path -> how it lines up with the original (layerwise.py)
-    plan_notes: list[str] = field(default_factory=list)  # said once in the report, however many layers say it
-    # in-place edits of other layers, run at commit on the live module (low-memory in-place mode): (path, edit, notes)
-    edits: list[tuple[str, Callable[[nn.Module], None], list[str]]] = field(default_factory=list)
-
-
-class SkipLayer(Exception):
-    """Raised by a factory when a target cannot work on this layer; the layer stays as it is."""
-
-    def __init__(self, reason: str, *, quiet: bool = False):
-        self.reason = reason
-        self.quiet = quiet  # nothing to do here (e.g. bake on a plain layer): not listed as skipped
-        super().__init__(reason)
-
-
 @dataclass(frozen=True)
 class Replacement:
     name: str
-    build: Callable[..., Built]
+    build: Factory
     options: tuple[Option, ...]
     families: tuple[str, ...]
     carries: tuple[str, ...]
     default_carry: tuple[str, ...]
     doc: str
     needs_analysis: bool = False
+    note: str | None = None  # said once in the report when the replacement changed any layer
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
@@ -119,11 +97,15 @@ def register(
     default_carry: tuple[str, ...] | None = None,
     doc: str = "",
     needs_analysis: bool = False,
-) -> Callable[[Callable[..., Built]], Callable[..., Built]]:
-    def deco(fn: Callable[..., Built]) -> Callable[..., Built]:
+    note: str | None = None,
+) -> Callable[[Factory], Factory]:
+    """Register a factory (LayerContext -> Built, see factory.py) under ``name``."""
+
+    def deco(fn: Factory) -> Factory:
         key = normalise(name)
         if key in _REGISTRY:
-            raise ValueError(f"replacement {name!r} registered twice")
+            raise RegistryError(f"replacement {name!r} registered twice",
+                                fix="give the new replacement another name")
         _REGISTRY[key] = Replacement(
             name=name,
             build=fn,
@@ -133,6 +115,7 @@ def register(
             default_carry=tuple(carries if default_carry is None else default_carry),
             doc=doc,
             needs_analysis=needs_analysis,
+            note=note,
         )
         return fn
 
@@ -150,7 +133,7 @@ def lookup(name: str) -> Replacement | None:
 def get(name: str) -> Replacement:
     found = lookup(name)
     if found is None:
-        raise NormswapError(f"unknown replacement {name!r}", fix=suggest(name, names()))
+        raise RegistryError(f"unknown replacement {name!r}", fix=suggest(name, names()))
     return found
 
 

@@ -1,4 +1,9 @@
-"""What a rewrite changed, skipped and checked: as data, JSON and a readable table."""
+"""What a rewrite changed, skipped and checked: as data, JSON and a readable table.
+
+The report holds the result objects (CheckResult, CalibrationReport,
+ExportedFile) and turns them into JSON only in ``to_json``; ``check``,
+``calibration`` and ``export`` give their JSON form.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +12,9 @@ from typing import Any
 import torch.nn as nn
 
 from .engine import Plan
+from .passes.calibration import CalibrationReport
+from .verify.check import CheckResult
+from .verify.export import ExportedFile
 
 
 @dataclass
@@ -21,10 +29,23 @@ class Report:
     param_map: dict[str, str | None] = field(default_factory=dict)  # only names that changed or vanished
     new_params: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    check: dict | None = None
     applied: bool = False
-    export: dict | None = None  # the verified deployment file, when one was asked for
-    calibration: dict | None = None  # what calibration fitted and how much of the function survived
+    check_result: CheckResult | None = None
+    calibration_result: CalibrationReport | None = None  # what calibration fitted, how much function survived
+    export_result: ExportedFile | None = None  # the verified deployment file, when one was asked for
+
+    @property
+    def check(self) -> dict | None:
+        r = self.check_result
+        return None if r is None else {"mode": r.mode, **r.to_json()}
+
+    @property
+    def calibration(self) -> dict | None:
+        return None if self.calibration_result is None else self.calibration_result.to_json()
+
+    @property
+    def export(self) -> dict | None:
+        return None if self.export_result is None else self.export_result.to_json()
 
     @classmethod
     def from_plan(cls, plan: Plan, model: nn.Module, applied: bool) -> "Report":
@@ -104,14 +125,12 @@ class Report:
                 console.print(f"note: {r['rule']} ({r['replace']}) matched no layer")
         for note in self.notes:
             console.print(f"note: {note}")
-        if self.calibration is not None:
-            from .passes.calibration import CalibrationReport
-
-            console.print("\n".join(CalibrationReport(**self.calibration).lines()), markup=False)
-        if self.check is not None:
-            console.print(f"check ({self.check.get('mode')}): {self.check.get('summary')}")
-        if self.export is not None:
-            e = self.export
+        if self.calibration_result is not None:
+            console.print("\n".join(self.calibration_result.lines()), markup=False)
+        if self.check_result is not None:
+            console.print(f"check ({self.check_result.mode}): {self.check_result.summary}")
+        if self.export_result is not None:
+            e = self.export_result.to_json()
             verdict = "matches" if e["ok"] else "DIFFERS from"
             console.print(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, "
                           f"max abs {e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})")

@@ -213,6 +213,27 @@ def test_auto_groups_take_fewer_groups_where_small_ones_lose_the_function(digits
         normswap.passes.calibration.CalibrationReport(**report.calibration).lines())
 
 
+def test_chosen_groups_go_to_their_own_rule_after_an_inactive_rule(digits, tmp_path, capsys):
+    """Regression: calibration's group counts were written into the sidecar recipe by the rule's place among
+    the active rules, so a `when: false` rule before the calibrated one took them and the output no longer
+    replayed."""
+    model, x_train, _, _ = digits
+    sd, data, recipe = tmp_path / "digits.pth", tmp_path / "cal.pt", tmp_path / "gn.yaml"
+    torch.save(model.state_dict(), sd)
+    torch.save(list(x_train[:256].split(32)), data)
+    recipe.write_text("version: 1\nname: gn_after_off\nparams: {drop_bn: false}\nrules:\n"
+                      "  - match: {family: batchnorm}\n    replace: identity\n    when: ${drop_bn}\n"
+                      "  - match: {family: batchnorm}\n    replace: group_norm\n    with: {num_groups: 32}\n"
+                      "check: interface\n")
+    out = tmp_path / "auto.safetensors"
+    assert main(["apply", str(recipe), str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors", str(data),
+                 "--calibrate-groups", "0", "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    rules = json.loads((tmp_path / "auto.safetensors.json").read_text())["steps"][-1]["recipe"]["rules"]
+    assert "with" not in rules[0] and len(rules[1]["with"]["groups_by_path"]) == 3
+    assert [m.num_groups for m in normswap.load(out).modules() if isinstance(m, nn.GroupNorm)] == [1, 1, 1]
+
+
 def test_auto_groups_keep_min_group_size_and_groups_by_path(digits):
     model, x_train, _, _ = digits
     recipe = {"version": 1, "rules": [{"match": {"family": "batchnorm"}, "replace": "group_norm", "with": {

@@ -100,7 +100,7 @@ def test_folded_model_passes_layer_by_layer(name):
     model = prepared(make(), shape)
     plan = engine.plan(model, "fold_bn", input_size=shape, **kw)
     folded = normswap.fold(model, input_size=shape, check=False, **kw)
-    for fold_map in (plan.links, None):  # the fold's own map, and the map inferred from the two models
+    for fold_map in (plan.fold_map, None):  # the fold's own map, and the map inferred from the two models
         r = check(model, folded, input_size=shape, layers=True, fold_map=fold_map)
         assert r.ok and r.first_divergence is None, r.summary
         assert max(row["local_rel"] for row in r.layers) < 1e-6
@@ -112,11 +112,11 @@ def test_fold_map_and_inferred_map_agree_on_a_timm_model():
     shape = (1, 3, 64, 64)
     plan = engine.plan(model, "fold_bn", input_size=shape)
     folded = normswap.fold(model, input_size=shape, check=False)
-    given = check(model, folded, input_size=shape, layers=True, fold_map=plan.links, n_inputs=1)
+    given = check(model, folded, input_size=shape, layers=True, fold_map=plan.fold_map, n_inputs=1)
     inferred = check(model, folded, input_size=shape, layers=True, n_inputs=1)
     assert given.ok and inferred.ok
     assert [r["compared"] for r in given.layers] == [r["compared"] for r in inferred.layers]
-    assert sum(1 for r in given.layers if r["compared"]) == len(plan.links) > 20
+    assert sum(1 for r in given.layers if r["compared"]) == len(plan.fold_map) > 20
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv3_small_050", "hand-built"])

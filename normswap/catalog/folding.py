@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..factory import Built, LayerContext, NeighbourEdit, SkipLayer
 from ..families import built_class, family_of
-from ..graph import DataFlow, _short, describe, users_of
-from ..registry import Built, Option, SkipLayer, register
-from .fold_math import (
+from ..fold_map import FoldLink
+from ..fold_math import (
     bn_affine,
     fold_expert_output_channels,
     fold_input_channels,
     fold_output_channels,
 )
+from ..graph import DataFlow, _short, describe, users_of
+from ..registry import Option, register
 from .norm_swaps import activation_or_identity
 from .weight_norms import bake_in_place, legacy_hook_types, legacy_hooks
 
@@ -140,6 +143,18 @@ class FoldSite:
     @property
     def foldable(self) -> bool:
         return self.reason is None
+
+    def links(self, s: torch.Tensor, t: torch.Tensor, layer: Callable[[str], nn.Module]) -> dict[str, FoldLink]:
+        """The fold as a map for per-layer checks: which layer lines up with the reference through the BN's
+        affine (s, t). ``layer``: path -> module, to tell a linear's channel axis from a conv's."""
+        if self.into_next:
+            return {self.bn_path: FoldLink("before", self.bn_path, s, t),
+                    self.targets[0][0]: FoldLink("next", self.bn_path, s, t)}
+        links = {self.bn_path: FoldLink("folded", self.bn_path, s, t)}
+        for path, channels in self.targets:
+            axis = -1 if isinstance(layer(path), nn.Linear) else 1
+            links[path] = FoldLink("into", self.bn_path, s[channels], t[channels], axis)
+        return links
 
 
 def _bn_problem(flow: DataFlow, bn_path: str, assume_eval: bool = False) -> str | None:
@@ -435,7 +450,7 @@ def _store(module: nn.Module, weight: torch.Tensor, w: torch.Tensor, b: torch.Te
                "that layer sees no zero padding (exact only then)"),
     ),
 )
-def fold(ctx) -> Built:
+def fold(ctx: LayerContext) -> Built:
     bn = ctx.module
     opts = ctx.options
     site = fold_site(ctx.flow, ctx.path, bake=opts["bake_parametrizations"])
@@ -454,41 +469,32 @@ def fold(ctx) -> Built:
             return Built(new, [f"not folded ({site.reason}); now a per-channel affine"])
         raise SkipLayer(site.reason)
     s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
-    write = write_folded_into_input if site.into_next else write_folded
-    also, edits, names = [], [], []
-    for path, channels in site.targets:
-        live = ctx.layer(path)
-        recomputed = parametrize.is_parametrized(live) or bool(legacy_hooks(live))  # baked before the write
-        if ctx.defer_edits and not recomputed and (path not in ctx.prepared or ctx.prepared[path].edits):
-            note = f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")
-            edits.append((path, functools.partial(write, s=s[channels], t=t[channels]), [note]))
-            names.append(path)
-            continue
-        if path in ctx.prepared or recomputed or site.into_next:
-            target, source = ctx.editable(path), None
-        else:  # the weight is written whole: no copy of it is made first
-            target, source = ctx.editable(path, uninitialized=(_weight_name(live),)), live
-        notes = bake_in_place(target)
-        if source is None:
-            write(target, s[channels], t[channels])
-        else:
-            write(target, s[channels], t[channels], source=source)
-        also.append((path, target, notes + [f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")]))
-        names.append(path)
+    note = f"{ctx.path} folded in" + (" (on its input)" if site.into_next else "")
+    edits = [_fold_edit(path, ctx.layer(path), s[channels], t[channels], site.into_next, note)
+             for path, channels in site.targets]
     new, notes = activation_or_identity(bn)
     via = f" through {', '.join(site.through)}" if site.through else ""
     where = "the next layer, " if site.into_next else ""
-    return Built(new, [f"folded into {where}{', '.join(names)}{via}"] + notes, also=also, edits=edits,
-                 links=site_links(site, ctx))
+    return Built(new, [f"folded into {where}{', '.join(e.path for e in edits)}{via}"] + notes, edits=edits,
+                 fold_links=site.links(s, t, ctx.layer))
 
 
-def site_links(site: FoldSite, ctx) -> dict[str, dict]:
-    """The fold as a map for per-layer checks: which candidate layer lines up with which BN affine."""
-    if site.into_next:
-        return {site.bn_path: {"kind": "before", "bn": site.bn_path},
-                site.targets[0][0]: {"kind": "next", "bn": site.bn_path}}
-    links = {site.bn_path: {"kind": "folded", "bn": site.bn_path}}
-    for path, channels in site.targets:
-        axis = -1 if isinstance(ctx.layer(path), nn.Linear) else 1
-        links[path] = {"kind": "into", "bn": site.bn_path, "channels": [channels.start, channels.stop], "axis": axis}
-    return links
+def _fold_edit(path: str, live: nn.Module, s: torch.Tensor, t: torch.Tensor, into_next: bool,
+               note: str) -> NeighbourEdit:
+    """Writing (s, t) into the layer at ``path``, as an edit the engine makes on a copy or (low_memory) in place.
+
+    A layer whose weight is recomputed in forward (parametrized, torch's legacy hooks) is baked on a private
+    copy first, so it is never edited in place; a plain one needs no copy of its weight (it is written whole).
+    """
+    recomputed = parametrize.is_parametrized(live) or bool(legacy_hooks(live))
+    overwrites = () if recomputed or into_next else (_weight_name(live),)
+
+    def write(target: nn.Module, source: nn.Module) -> list[str]:
+        notes = bake_in_place(target)
+        if into_next:
+            write_folded_into_input(target, s, t)
+        else:
+            write_folded(target, s, t, source=source if overwrites and source is not target else None)
+        return notes
+
+    return NeighbourEdit(path, write, note, overwrites=overwrites, in_place=not recomputed)

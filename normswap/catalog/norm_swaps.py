@@ -6,10 +6,11 @@ import copy
 import torch.nn as nn
 
 from .. import carry
+from ..factory import Built, SkipLayer
 from ..families import activation_of, channels_of
 from ..match import glob_match
 from ..module_copy import deepcopy_module
-from ..registry import Built, Option, SkipLayer, register
+from ..registry import Option, register
 from .grouping import choose_num_groups, valid_group_counts
 
 _BN_LIKE = ("batchnorm", "frozen_batchnorm")

@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrizations, parametrize
 
 from .. import carry
-from ..registry import Built, Option, SkipLayer, register
+from ..factory import Built, LayerContext, SkipLayer
+from ..registry import Option, register
 
 EMA_NOTE = ("spectral norm keeps power-iteration vectors (parametrizations.weight.0._u / _v); an EMA of the "
             "weights must copy them, not average them (an averaged u/v is not a singular vector and can blow "
@@ -61,6 +62,7 @@ def _private_copy(ctx, what: str) -> nn.Module:
 @register(
     "spectral_norm",
     families=("conv", "linear"),
+    note=EMA_NOTE,
     carries=("weights",),
     doc="Spectral normalization (Miyato et al. 2018): the weight divided by its largest singular value, "
         "estimated by power iteration in train mode (torch.nn.utils.parametrizations.spectral_norm; the "
@@ -70,7 +72,7 @@ def _private_copy(ctx, what: str) -> nn.Module:
         Option("eps", float, 1e-12, "epsilon of the power iteration's normalizations", minimum=0.0),
     ),
 )
-def spectral_norm(ctx) -> Built:
+def spectral_norm(ctx: LayerContext) -> Built:
     new = _private_copy(ctx, "spectral norm")
     weight = new.weight.detach()
     sigma = torch.linalg.matrix_norm(weight.movedim(_weight_dim(new), 0).flatten(1).double(), ord=2).item()
@@ -78,8 +80,7 @@ def spectral_norm(ctx) -> Built:
                                    eps=ctx.options["eps"], dim=_weight_dim(new))
     carried = {"weight": "parametrizations.weight.original", "bias": "bias"}
     notes = [f"weight divided by its largest singular value ({sigma:.3g})"]
-    return Built(new, notes, {k: v for k, v in carried.items() if k in dict(ctx.module.named_parameters())},
-                 plan_notes=[EMA_NOTE])
+    return Built(new, notes, {k: v for k, v in carried.items() if k in dict(ctx.module.named_parameters())})
 
 
 @register(
@@ -90,7 +91,7 @@ def spectral_norm(ctx) -> Built:
         "(torch.nn.utils.parametrizations.weight_norm; dim 1 for transposed convs). The output is "
         "unchanged at application: g starts as ‖w‖.",
 )
-def weight_norm(ctx) -> Built:
+def weight_norm(ctx: LayerContext) -> Built:
     new = _private_copy(ctx, "weight norm")
     parametrizations.weight_norm(new, name="weight", dim=_weight_dim(new))
     notes = ["g = ‖w‖ per output channel (new parameter parametrizations.weight.original0)"]
@@ -115,7 +116,7 @@ def weight_norm(ctx) -> Built:
         Option("eps", float, 1e-8, "floor for the norms", minimum=0.0),
     ),
 )
-def cosine_norm(ctx) -> Built:
+def cosine_norm(ctx: LayerContext) -> Built:
     from ..layers.cosine import CosineConv, CosineLinear
 
     old = ctx.module
@@ -140,7 +141,7 @@ def cosine_norm(ctx) -> Built:
     doc="Replace every parametrization of the layer (spectral/weight norm, ...) by its current eval-mode "
         "value: plain weights that pickle, export and fold.",
 )
-def bake_layer(ctx) -> Built:
+def bake_layer(ctx: LayerContext) -> Built:
     old = ctx.module
     legacy = legacy_hooks(old)
     if legacy:

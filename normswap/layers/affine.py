@@ -22,7 +22,7 @@ class ChannelAffine(nn.Module):
 
     @classmethod
     def from_bn(cls, bn: nn.Module) -> "ChannelAffine":
-        from ..catalog.fold_math import bn_affine
+        from ..fold_math import bn_affine
 
         s, t = bn_affine(bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None),
                          float(bn.eps))

@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..catalog.fold_math import bn_affine
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
+from ..fold_math import bn_affine
 from ..verify.metrics import channel_affine, cosine, looks_like_logits, top1_matches
 from .lockstep import Lockstep
 
@@ -296,9 +296,8 @@ def with_chosen_groups(recipe_data: dict, plan, calibration: dict | None) -> dic
         return recipe_data
     data = copy.deepcopy(recipe_data)
     for ch in plan.changes:
-        if ch.path in chosen:
-            i = next(i for i, r in enumerate(plan.recipe.rules) if r is ch.rule)
-            opts = data["rules"][i].setdefault("with", {})
+        if ch.path in chosen:  # rule.index is the rule's place in the recipe as written, inactive rules included
+            opts = data["rules"][ch.rule.index].setdefault("with", {})
             given = opts.get("groups_by_path")
             opts["groups_by_path"] = {**(given if isinstance(given, dict) else {}), ch.path: chosen[ch.path]}
     return data

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from .. import registry
-from ..errors import NormswapError, Problem, RecipeError
+from ..errors import NormswapError, Problem, RecipeError, RecipeFileError, RecipeNotFoundError
 from ..families import family_classes
 from ..match import ChannelRange, Selector
 from .model import (
@@ -66,10 +66,9 @@ def _load_named(ref: str) -> Recipe:
             entry = builtin_dir() / f"{ref}.yaml"
             return _parse_builtin(entry.read_text(encoding="utf-8"), ref)
         if not os.path.exists(ref):
-            raise NormswapError(
+            raise RecipeNotFoundError(
                 f"no built-in recipe named '{ref}' and no such file",
                 fix=registry.suggest(ref, list_recipes()) + "; or give a path to a YAML recipe",
-                code="recipe_not_found",
             )
     return read_recipe_file(ref)
 
@@ -83,19 +82,18 @@ def _parse_builtin(text: str, name: str) -> Recipe:
 def read_recipe_file(path: str) -> Recipe:
     p = Path(path)
     if not p.exists():
-        raise NormswapError(f"recipe file {path} does not exist", fix="check the path", code="recipe_not_found")
+        raise RecipeNotFoundError(f"recipe file {path} does not exist", fix="check the path")
     if p.is_dir():
-        raise NormswapError(f"recipe {path} is a directory, not a YAML file", code="recipe_not_found")
+        raise RecipeNotFoundError(f"recipe {path} is a directory, not a YAML file")
     try:
         size = p.stat().st_size
         if size > MAX_RECIPE_BYTES:
-            raise NormswapError(
+            raise RecipeFileError(
                 f"recipe {path} is {size} bytes; recipes are limited to {MAX_RECIPE_BYTES} bytes",
-                code="recipe_invalid",
             )
         raw = p.read_bytes()
     except OSError as e:
-        raise NormswapError(f"cannot read recipe {path}: {e.strerror}", code="recipe_not_found") from None
+        raise RecipeNotFoundError(f"cannot read recipe {path}: {e.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from ..errors import NormswapError
+from ..errors import InputSpecError, NormswapError
+from ..fold_map import FoldLink
 from ..inputs import as_args, make_inputs, model_dtype_device
 from .layerwise import Layerwise, compare_layers
 from .metrics import (
@@ -209,7 +210,7 @@ def check(
     n_inputs: int = 2,
     seed: int = 0,
     layers: bool | None = None,
-    fold_map: dict[str, dict] | None = None,
+    fold_map: dict[str, FoldLink] | None = None,
 ) -> CheckResult:
     """Compare ``candidate`` with ``reference`` on the same inputs (see the module docstring).
 
@@ -219,13 +220,13 @@ def check(
     difference from float32 rounding noise on deep models.
     ``layers``: record every layer and find the first divergence (``layerwise``);
     ``None`` does it only when the outputs disagree, to say where.
-    ``fold_map``: the rewrite's own map of folded layers (``Plan.links``); inferred when not given.
+    ``fold_map``: the rewrite's own map of folded layers (``Plan.fold_map``); inferred when not given.
     """
     if mode not in MODES:
-        raise NormswapError(f"unknown check mode {mode!r}", fix=f"use one of {', '.join(MODES)}", code="input_invalid")
+        raise InputSpecError(f"unknown check mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
     for name, m in (("reference", reference), ("candidate", candidate)):
         if not isinstance(m, nn.Module):
-            raise NormswapError(f"{name} must be a torch.nn.Module, got {type(m).__name__}", code="input_invalid")
+            raise InputSpecError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
     if mode == "none":
         return CheckResult(ok=True, mode="none")
     try:
@@ -236,10 +237,10 @@ def check(
         raise
     except Exception as e:  # a forward that cannot run on the check's inputs is an input problem, not a crash
         shape = f" of shape {list(input_size)}" if input_size else ""
-        raise NormswapError(f"the check's forward pass failed on its inputs{shape}: {type(e).__name__}: "
+        raise InputSpecError(f"the check's forward pass failed on its inputs{shape}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}",
                             fix="give the input size the model expects (--input-size 1,3,H,W / input_size=...) "
-                                "or inputs", code="input_invalid") from None
+                                "or inputs") from None
 
 
 # Unit roundoff by dtype: the relative size of one rounding step.

@@ -17,8 +17,9 @@ import torch.nn as nn
 
 from ..errors import NormswapError
 from ..inputs import as_args
+from ..model_io import EXPORT_SUFFIX
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+FORMATS = EXPORT_SUFFIX
 
 # float32 kernels of two runtimes differ in summation order; this is far above that and far below a wrong model.
 EXPORT_RTOL = 1e-4

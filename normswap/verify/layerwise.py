@@ -26,31 +26,13 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from ..catalog.fold_math import bn_affine
 from ..families import family_of
+from ..fold_map import FoldLink
+from ..fold_math import bn_affine
 from ..graph import is_leaf_module
 from .metrics import channel_affine, max_errors, scale_of
 
 _BN_FAMILIES = ("batchnorm", "frozen_batchnorm")
-
-
-@dataclass
-class FoldLink:
-    """How a row of a folded model lines up with the reference: an affine applied along ``axis``."""
-
-    kind: str  # "into" (conv/linear that absorbed a BN), "folded" (the BN's remains), "next" / "before" (into_next)
-    bn: str
-    s: torch.Tensor
-    t: torch.Tensor
-    axis: int = 1
-
-    def describe(self) -> str:
-        return {
-            "into": f"holds {self.bn} folded in: compared with the reference's output through {self.bn}",
-            "folded": f"folded away: compared on the reference's input through {self.bn}'s affine",
-            "next": f"holds {self.bn} folded into its input: run on {self.bn}'s input",
-            "before": "folded into the next layer: should pass its input through",
-        }[self.kind]
 
 
 @dataclass
@@ -128,19 +110,6 @@ def _clone(value: Any) -> Any:
     return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, value)
 
 
-def links_from_map(reference: nn.Module, fold_map: dict[str, dict]) -> dict[str, FoldLink]:
-    """FoldLinks from a rewrite's own map (``Plan.links``), with each BN's affine read off the reference."""
-    links = {}
-    for path, entry in fold_map.items():
-        bn = reference.get_submodule(entry["bn"])
-        s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
-        if "channels" in entry:
-            lo, hi = entry["channels"]
-            s, t = s[lo:hi], t[lo:hi]
-        links[path] = FoldLink(entry["kind"], entry["bn"], s, t, int(entry.get("axis", 1)))
-    return links
-
-
 def fold_links(reference: nn.Module, candidate: nn.Module, example_args: tuple) -> dict[str, FoldLink]:
     """Rows of a folded candidate that line up with the reference only through a folded BN's affine.
 
@@ -166,19 +135,10 @@ def fold_links(reference: nn.Module, candidate: nn.Module, example_args: tuple) 
         site = fold_site(flow, path, assume_eval=True, bake=True)
         if not site.foldable:
             site = next_layer_site(flow, path, assume_eval=True, bake=True)
-        if not site.foldable:
-            continue
-        bn = flow.modules[flow.canonical(path)].module
-        s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
-        if site.into_next:
-            links[path] = FoldLink("before", path, s, t)
-            links[site.targets[0][0]] = FoldLink("next", path, s, t)
-            continue
-        links[path] = FoldLink("folded", path, s, t)
-        for target, channels in site.targets:
-            module = flow.modules[target].module
-            axis = -1 if isinstance(module, nn.Linear) else 1
-            links[target] = FoldLink("into", path, s[channels], t[channels], axis)
+        if site.foldable:
+            bn = flow.modules[flow.canonical(path)].module
+            s, t = bn_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps))
+            links.update(site.links(s, t, lambda p: flow.modules[p].module))
     return links
 
 
@@ -225,71 +185,92 @@ class _Run:
 
 @torch.no_grad()
 def compare_layers(reference: nn.Module, candidate: nn.Module, args: tuple,
-                   fold_map: dict[str, dict] | None = None) -> Layerwise:
+                   fold_map: dict[str, FoldLink] | None = None) -> Layerwise:
     """Run both models on ``args`` and return one row per reference leaf call (see the module docstring).
 
     Both models must already be in the mode to compare (eval) and of the same dtype as ``args``.
-    ``fold_map``: the rewrite's own map (``Plan.links``); inferred from the models when not given.
+    ``fold_map``: the rewrite's own map (``Plan.fold_map``); inferred from the models when not given.
     The two outputs are kept in ``reference_output`` / ``candidate_output``.
     """
-    result = Layerwise()
-    units = _units(reference)
-    paths = set(units.values())
-    cand_modules = {p: _submodule(candidate, p) for p in paths}
-    cand_units = {id(m): p for p, m in cand_modules.items() if m is not None}
-    links = links_from_map(reference, fold_map) if fold_map is not None else fold_links(reference, candidate, args)
+    links = fold_map if fold_map is not None else fold_links(reference, candidate, args)
+    return _Comparison(reference, candidate, links).run(args)
 
-    recorded: dict[tuple[str, int], list[torch.Tensor]] = {}
-    cand_calls: dict[str, int] = {}
 
-    def on_cand(path, module, a, k, out, changed):
-        n = cand_calls.get(path, 0)
-        cand_calls[path] = n + 1
-        recorded[(path, n)] = [x.detach().clone() for x in _tensors(out)]
+class _Comparison:
+    """One per-layer comparison: the candidate's forward recorded first, then the reference's, row by row."""
 
-    run = _Run(candidate, cand_units, on_cand)
-    try:
-        result.candidate_output = candidate(*args)
-    finally:
-        run.remove()
+    def __init__(self, reference: nn.Module, candidate: nn.Module, links: dict[str, FoldLink]):
+        self.reference, self.candidate, self.links = reference, candidate, links
+        self.result = Layerwise()
+        self.units = _units(reference)
+        self.paths = set(self.units.values())
+        self.cand_modules = {p: _submodule(candidate, p) for p in self.paths}
+        self.recorded: dict[tuple[str, int], list[torch.Tensor]] = {}  # (path, call) -> the candidate's outputs
+        self.cand_calls: dict[str, int] = {}
+        self.ref_calls: dict[str, int] = {}
+        self.bn_inputs: dict[str, Any] = {}  # BN path -> its recorded input, for into_next links
+        self.ref_run: _Run | None = None
 
-    ref_calls: dict[str, int] = {}
-    bn_inputs: dict[str, Any] = {}  # BN path -> its recorded input, for into_next links
+    def run(self, args: tuple) -> Layerwise:
+        cand_units = {id(m): p for p, m in self.cand_modules.items() if m is not None}
+        run = _Run(self.candidate, cand_units, self.on_candidate)
+        try:
+            self.result.candidate_output = self.candidate(*args)
+        finally:
+            run.remove()
+        self.ref_run = _Run(self.reference, self.units, self.on_reference)
+        try:
+            self.result.reference_output = self.reference(*args)
+        finally:
+            self.ref_run.remove()
+        never = sorted(p for p in self.paths if p not in self.ref_calls)
+        if never:
+            self.result.notes.append(f"{len(never)} layer(s) never called in the forward pass")
+        return self.result
 
-    def on_ref(path, module, a, k, out, changed):
-        n = ref_calls.get(path, 0)
-        ref_calls[path] = n + 1
-        cand = cand_modules.get(path)
-        link = links.get(path)
-        row = LayerRow(len(result.rows), path, n, type(module).__name__,
+    def on_candidate(self, path, module, a, k, out, changed) -> None:
+        n = self.cand_calls.get(path, 0)
+        self.cand_calls[path] = n + 1
+        self.recorded[(path, n)] = [x.detach().clone() for x in _tensors(out)]
+
+    def on_reference(self, path, module, a, k, out, changed) -> None:
+        n = self.ref_calls.get(path, 0)
+        self.ref_calls[path] = n + 1
+        cand = self.cand_modules.get(path)
+        link = self.links.get(path)
+        row = LayerRow(len(self.result.rows), path, n, type(module).__name__,
                        type(cand).__name__ if cand is not None else None,
                        compared=link.describe() if link else None)
-        result.rows.append(row)
-        ref_out = [x.detach() for x in _tensors(out)]
-        if link is not None and link.kind == "before":
-            bn_inputs[path] = _clone(a)
-        local_args, expected = a, ref_out
-        if link is not None:
-            if link.kind == "into":
-                expected = [channel_affine(y, link.s, link.t, link.axis % y.ndim) for y in ref_out]
-            elif link.kind == "folded":
-                local_args = (channel_affine(a[0], link.s, link.t, 1), *a[1:])
-            elif link.kind == "before":
-                expected = _tensors(a)[:1]
-            elif link.kind == "next":
-                local_args = bn_inputs.get(link.bn, a)
+        self.result.rows.append(row)
+        local_args, expected = self._aligned(link, path, a, [x.detach() for x in _tensors(out)])
         scales = [scale_of(y) if y.is_floating_point() else 0.0 for y in expected]
         row.scale = max(scales, default=0.0)
-        cand_out = recorded.pop((path, n), None)
+        cand_out = self.recorded.pop((path, n), None)
         if cand_out is not None and len(cand_out) == len(expected):
             row.propagated_rel = max((_rel(y, c, sc) for y, c, sc in zip(expected, cand_out, scales)), default=0.0)
         if cand is None:
             row.note = "not in the candidate"
-            return
-        if changed:
+        elif changed:
             row.note = "changed its input in place: local error not measured"
-            return
-        ref_run.paused = True
+        else:
+            self._local(row, cand, local_args, k, expected, scales)
+
+    def _aligned(self, link: FoldLink | None, path: str, a: tuple, ref_out: list[torch.Tensor]):
+        """(the candidate layer's inputs, the output it should give): through the fold's affine where linked."""
+        if link is None:
+            return a, ref_out
+        if link.kind == "into":
+            return a, [channel_affine(y, link.s, link.t, link.axis % y.ndim) for y in ref_out]
+        if link.kind == "folded":
+            return (channel_affine(a[0], link.s, link.t, 1), *a[1:]), ref_out
+        if link.kind == "before":
+            self.bn_inputs[path] = _clone(a)
+            return a, _tensors(a)[:1]
+        return self.bn_inputs.get(link.bn, a), ref_out  # "next"
+
+    def _local(self, row: LayerRow, cand: nn.Module, local_args: tuple, k: dict, expected: list, scales: list) -> None:
+        """The candidate layer's own error, run on the reference's input."""
+        self.ref_run.paused = True
         try:
             local = cand(*_clone(local_args), **_clone(k))
         except Exception as e:  # noqa: BLE001 - any failure of the candidate layer is the finding
@@ -297,7 +278,7 @@ def compare_layers(reference: nn.Module, candidate: nn.Module, args: tuple,
             row.local_abs = row.local_rel = math.inf
             return
         finally:
-            ref_run.paused = False
+            self.ref_run.paused = False
         local_out = _tensors(local)
         if len(local_out) != len(expected) or any(x.shape != y.shape for x, y in zip(local_out, expected)):
             row.note = (f"output shapes differ: {[tuple(y.shape) for y in expected]} vs "
@@ -309,16 +290,6 @@ def compare_layers(reference: nn.Module, candidate: nn.Module, args: tuple,
         row.local_rel = max((e[1] for e in errs), default=0.0)
         if math.isinf(row.local_abs):
             row.note = "the candidate layer's output has NaN/Inf"
-
-    ref_run = _Run(reference, units, on_ref)
-    try:
-        result.reference_output = reference(*args)
-    finally:
-        ref_run.remove()
-    never = sorted(p for p in paths if p not in ref_calls)
-    if never:
-        result.notes.append(f"{len(never)} layer(s) never called in the forward pass")
-    return result
 
 
 def _rel(ref: torch.Tensor, cand: torch.Tensor, scale: float) -> float:

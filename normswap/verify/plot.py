@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import NormswapError
+from ..errors import InputSpecError, OutputError
 from ..model_io import atomic_write
 from .check import CheckResult
 
@@ -18,15 +18,15 @@ def plot_layers(result: CheckResult, path: str | Path) -> Path:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise NormswapError("--plot needs matplotlib, which is not installed",
-                            fix="pip install 'normswap[plot]'", code="input_invalid") from None
+        raise InputSpecError("--plot needs matplotlib, which is not installed",
+                            fix="pip install 'normswap[plot]'") from None
     if not result.layers:
-        raise NormswapError("there are no per-layer figures to plot (the check did not record the layers)",
-                            fix="run the numeric check with layers=True", code="input_invalid")
+        raise InputSpecError("there are no per-layer figures to plot (the check did not record the layers)",
+                            fix="run the numeric check with layers=True")
     path = Path(path)
     if not path.parent.is_dir():
-        raise NormswapError(f"cannot write the plot {path}: {path.parent} is not a directory",
-                            fix="give a path in an existing directory", code="output_invalid")
+        raise OutputError(f"cannot write the plot {path}: {path.parent} is not a directory",
+                            fix="give a path in an existing directory")
     rows = result.layers
     xs = list(range(len(rows)))
 
