@@ -62,11 +62,8 @@ def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="rewrite a model by a recipe")
     p.add_argument("recipe", metavar="RECIPE", help="built-in recipe name or YAML file")
     _model_args(p)
-    p.add_argument("-o", "--output", help="output file (.safetensors or .pt); required unless --dry-run")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; change and write nothing")
+    _rewrite_args(p, "output file (.safetensors or .pt); required unless --dry-run", "the plan", "the recipe's check")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="set a recipe parameter")
-    p.add_argument("--input-size", help="example input shape for analysis and checks, e.g. 1,3,224,224")
-    p.add_argument("--no-check", action="store_true", help="skip the recipe's check")
     cal = p.add_mutually_exclusive_group()
     cal.add_argument("--calibrate-data", metavar="DIR", help="fit the new layers' affine on a folder of images")
     cal.add_argument("--calibrate-tensors", metavar="FILE", help="fit the new layers' affine on saved batches")
@@ -77,29 +74,31 @@ def _add_apply(sub) -> None:
     p.add_argument("--calibrate-groups", type=_group_mode, default="keep", metavar="keep|auto|TOL",
                    help="GroupNorm group counts: keep the recipe's (default), or per layer the most groups whose "
                         "fitted error is within TOL (auto: 0.005) of the best count's (see docs/calibration.md)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_fold(sub) -> None:
     p = sub.add_parser("fold", help="fold BatchNorm into the conv/linear layers next to it, for deployment")
     _model_args(p)
-    p.add_argument("-o", "--output", help="output file (.safetensors, .pt, or with --export .onnx / .pt2)")
+    _rewrite_args(p, "output file (.safetensors, .pt, or with --export .onnx / .pt2)", "what would fold",
+                  "the numeric check")
     p.add_argument("--export", choices=("onnx", "pt2"), help="write an ONNX or torch.export file, verified by running it")
-    p.add_argument("--dry-run", action="store_true", help="print what would fold; change and write nothing")
     p.add_argument("--set", action="append", default=[], metavar="K=V",
                    help="fold_bn parameter: bake_parametrizations, unfoldable, into_next")
-    p.add_argument("--input-size", help="example input shape for analysis and the check, e.g. 1,3,224,224")
-    p.add_argument("--no-check", action="store_true", help="skip the numeric check")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_bake(sub) -> None:
     p = sub.add_parser("bake", help="replace spectral/weight-norm parametrizations by plain weights, for deployment")
     _model_args(p)
-    p.add_argument("-o", "--output", help="output file (.safetensors or .pt: a baked model pickles)")
-    p.add_argument("--dry-run", action="store_true", help="print what would be baked; change and write nothing")
-    p.add_argument("--input-size", help="example input shape for the check, e.g. 1,3,224,224")
-    p.add_argument("--no-check", action="store_true", help="skip the numeric check")
+    _rewrite_args(p, "output file (.safetensors or .pt: a baked model pickles)", "what would be baked",
+                  "the numeric check")
+
+
+def _rewrite_args(p: argparse.ArgumentParser, output: str, dry_run: str, check: str) -> None:
+    """The options apply, fold and bake share: where to write, a dry run, the example input, the check, JSON."""
+    p.add_argument("-o", "--output", help=output)
+    p.add_argument("--dry-run", action="store_true", help=f"print {dry_run}; change and write nothing")
+    p.add_argument("--input-size", help="example input shape for analysis and the check, e.g. 1,3,224,224")
+    p.add_argument("--no-check", action="store_true", help=f"skip {check}")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
