@@ -6,6 +6,7 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 from .errors import InputSpecError
+from .families import family_of
 from .recipe import Recipe, list_recipes, load_recipe
 from .report import Report
 from .rewrite import load, rewrite
@@ -82,10 +83,18 @@ def fold(
 ):
     """Fold eval-mode BatchNorms into their conv/linear layers: ``apply(model, "fold_bn", check=True)``.
 
-    BNs in train mode are left (with the reason): call ``model.eval()`` first.
-    The numeric check runs by default; a failure raises CheckFailedError and
-    leaves ``model`` as it was.
+    BatchNorms in train mode normalize with batch statistics and cannot fold: as torch's
+    ``fuse_conv_bn_eval`` does, this refuses them (NormswapError naming them): call ``model.eval()``
+    first. The numeric check runs by default; a failure raises CheckFailedError and leaves ``model``
+    as it was.
     """
+    training = [path or "(model)" for path, m in model.named_modules()
+                if m.training and family_of(m) == "batchnorm" and getattr(m, "running_mean", None) is not None]
+    if training:
+        raise InputSpecError(f"fold: {len(training)} BatchNorm layer(s) are in train mode, where they normalize "
+                             f"with batch statistics and cannot fold: {', '.join(training[:4])}"
+                             + (", ..." if len(training) > 4 else ""),
+                             fix="call model.eval() first (timm and torchvision models start in train mode)")
     return apply(model, "fold_bn", inplace=inplace, return_report=return_report, check=check,
                  example_inputs=example_inputs, input_size=input_size, low_memory=low_memory, **params)
 

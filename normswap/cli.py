@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -63,6 +65,9 @@ def _add_apply(sub) -> None:
     p.add_argument("recipe", metavar="RECIPE", help="built-in recipe name or YAML file")
     _model_args(p)
     _rewrite_args(p, "output file (.safetensors or .pt); required unless --dry-run", "the plan", "the recipe's check")
+    p.add_argument("--check", choices=("numeric", "interface", "none"),
+                   help="how to check the result (default: the recipe's check: numeric when every rule keeps the "
+                        "eval-mode function, else interface)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="set a recipe parameter")
     cal = p.add_mutually_exclusive_group()
     cal.add_argument("--calibrate-data", metavar="DIR", help="fit the new layers' affine on a folder of images")
@@ -157,10 +162,15 @@ def _add_check(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _width() -> int:
+    """The terminal's width, or 80 when the output is piped or redirected."""
+    return shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 80
+
+
 def _console(stream=None):
     from rich.console import Console
 
-    return Console(file=stream or sys.stdout, width=140, soft_wrap=False, highlight=False)
+    return Console(file=stream or sys.stdout, width=_width(), soft_wrap=False, highlight=False)
 
 
 def _params(items: list[str]) -> dict[str, Any]:
@@ -215,23 +225,41 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
         input_size = tuple(batches[0].shape)  # the data says what the model takes; the sidecar keeps it for replay
         loaded.input_size = list(input_size)
     try:
-        done = rewrite(loaded.model, recipe, check=not args.no_check, dry_run=args.dry_run, input_size=input_size,
+        done = rewrite(loaded.model, recipe, check=not args.no_check, check_mode=getattr(args, "check", None),
+                       dry_run=args.dry_run, input_size=input_size,
                        calibration=batches, calibration_fit=getattr(args, "calibrate_fit", "least_squares"),
                        calibration_groups=getattr(args, "calibrate_groups", "keep"))
     except CheckFailedError as failed:
         failed.report.notes[:0] = loaded.notes
-        failed.report.notes.append("a check failed: nothing was written")
         _emit(args, failed.report)
+        _check_failed(args, failed.result)
         return 1
     report = done.report
     report.notes[:0] = loaded.notes
-    status = 0 if args.dry_run else _write(done, out, loaded, export, eval_mode)
+    failure = None if args.dry_run else _write(done, out, loaded, export, eval_mode)
     _emit(args, report)
-    return status
+    if failure and not args.json:
+        print(f"normswap: nothing was written: {failure}", file=sys.stderr)
+    return 1 if failure else 0
 
 
-def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mode: bool) -> int:
-    """Export (verified) if asked, then save the model and its sidecar; 1 if the export differs."""
+def _check_failed(args, result) -> None:
+    """Say on stderr that nothing was written, why, and what to do."""
+    if args.json:
+        return  # the report on stdout carries the check; its "check" entry says ok: false
+    print(f"normswap: nothing was written: the rewritten model failed the {result.mode} check", file=sys.stderr)
+    hint = (result.first_divergence or {}).get("hint")
+    changed = result.first_divergence and result.first_divergence.get("candidate") not in (
+        None, result.first_divergence.get("reference"))
+    if changed and hint:
+        print(f"  fix: {hint}", file=sys.stderr)
+    elif args.command == "apply":
+        print("  fix: if the recipe changes the function on purpose, use --check interface (or `check: interface` "
+              "in the recipe); else the layer named above is where the outputs part", file=sys.stderr)
+
+
+def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mode: bool) -> str | None:
+    """Export (verified) if asked, then save the model and its sidecar; what went wrong, if the export differs."""
     data = None
     report = done.report
     if export is not None:
@@ -242,14 +270,11 @@ def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mo
         exported = export_verified(done.model, make_inputs(done.model, input_size), export)
         report.export_result = exported
         if not exported.ok:
-            report.notes.append(f"the exported {export} model differs from PyTorch's output "
-                                f"(max rel {exported.max_rel:.2e})")
-            report.notes.append("a check failed: nothing was written")
-            return 1
+            return f"the exported {export} model differs from PyTorch's output (max rel {exported.max_rel:.2e})"
         data = exported.data
     save_model(done.model, out, loaded, [done.replay_step(eval_mode=eval_mode)], report.to_json(), data=data)
     report.notes.append(f"wrote {out} and {out.name}.json")
-    return 0
+    return None
 
 
 def _group_mode(text: str) -> str | float:
@@ -432,7 +457,7 @@ def _emit(args, report: Report) -> None:
     if args.json:
         print(json.dumps(report.to_json(), indent=2, default=str))
     else:
-        report.render(_console())
+        print(report.text(_width()))
 
 
 COMMANDS = {"apply": cmd_apply, "fold": cmd_fold, "bake": cmd_bake, "recalibrate": cmd_recalibrate,
@@ -474,4 +499,10 @@ def _fail(want_json: bool, code: str, message: str, fix: str | None, extra: dict
 
 
 def main_entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`normswap ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by a closed pipe
+    sys.exit(code)

@@ -36,6 +36,7 @@ class Change:
     notes: list[str]
     carried: dict[str, str]
     deferred: list[NeighbourEdit] = field(default_factory=list)  # written into ``old`` itself at commit (low_memory)
+    edited: bool = False  # a neighbour another rule's replacement edited (the conv a BN folded into)
 
     @property
     def old_type(self) -> str:
@@ -223,7 +224,7 @@ class _Planner:
             return
         live = self.layers[edit.path]
         same = {n: n for n, _ in live.named_parameters()}  # an edited layer keeps its parameter names
-        change = Change(rule, edit.path, self.paths_of[id(live)], live, live, [], same)
+        change = Change(rule, edit.path, self.paths_of[id(live)], live, live, [], same, edited=True)
         if self.defer_edits and edit.in_place:
             change.deferred.append(edit)
             change.notes.append(edit.note)

@@ -6,6 +6,8 @@ ExportedFile) and turns them into JSON only in ``to_json``; ``check``,
 """
 from __future__ import annotations
 
+import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ class Report:
                     "notes": list(ch.notes),
                     "carried": dict(ch.carried),
                     "summary": summarize(ch.new),
+                    **({"edited": True} if ch.edited else {}),
                 }
                 for ch in plan.changes
             ],
@@ -86,6 +89,7 @@ class Report:
             "params": self.params,
             "model_type": self.model_type,
             "applied": self.applied,
+            "summary": self.summary,
             "changed": len(self.changes),
             "changes": self.changes,
             "skipped": self.skipped,
@@ -98,42 +102,77 @@ class Report:
             "calibration": self.calibration,
         }
 
-    def render(self, console) -> None:
-        """Print the report with rich: a table of changes, then skips, rule lines and notes."""
-        from rich.table import Table
+    @property
+    def summary(self) -> str:
+        """One line in the units users count: "folded 20 of 20 BatchNorm, 0 left", "swapped 20 BatchNorm2d →
+        GroupNorm"."""
+        primary = [c for c in self.changes if not c.get("edited")]
+        if any(r["replace"] == "fold" for r in self.rules):
+            folded = sum(1 for c in primary if c["notes"] and c["notes"][0].startswith("folded into"))
+            left = len(primary) - folded + len(self.skipped)
+            text = f"{'folded' if self.applied else 'would fold'} {folded} of {folded + left} BatchNorm, {left} left"
+        else:
+            kinds = Counter((c["old"], c["new"]) for c in primary)
+            parts = [f"{n} {old} → {new}" if old != new else f"{n} {old}" for (old, new), n in kinds.items()]
+            swapped = any(old != new for old, new in kinds)
+            verb = ("swapped" if swapped else "rewrote") if self.applied else ("would swap" if swapped else "would rewrite")
+            text = f"{verb} {', '.join(parts)}" if parts else ("changed nothing" if self.applied else "would change nothing")
+            if self.skipped:
+                text += f"; skipped {len(self.skipped)}"
+        return f"{self.recipe} on {self.model_type}: {text}"
 
-        verb = "changed" if self.applied else "would change"
-        console.print(f"[bold]{self.recipe}[/] on {self.model_type}: {verb} {len(self.changes)} layer(s), "
-                      f"skipped {len(self.skipped)}")
-        if self.changes:
-            table = Table(show_edge=False, header_style="bold")
-            for col in ("layer", "from", "to", "notes"):
-                table.add_column(col, overflow="fold")
-            for ch in self.changes:
-                path = ch["path"] + (f" (= {', '.join(ch['aliases'])})" if ch["aliases"] else "")
-                table.add_row(path, ch["old"], ch["summary"], "; ".join(ch["notes"]))
-            console.print(table)
-        if self.skipped:
-            table = Table(title="skipped", show_edge=False, header_style="bold")
-            for col in ("layer", "type", "why"):
-                table.add_column(col, overflow="fold")
-            for s in self.skipped:
-                table.add_row(s["path"], s["type"], s["reason"])
-            console.print(table)
-        for r in self.rules:
-            if r["matched"] == 0:
-                console.print(f"note: {r['rule']} ({r['replace']}) matched no layer")
-        for note in self.notes:
-            console.print(f"note: {note}")
-        if self.calibration_result is not None:
-            console.print("\n".join(self.calibration_result.lines()), markup=False)
-        if self.check_result is not None:
-            console.print(f"check ({self.check_result.mode}): {self.check_result.summary}")
-        if self.export_result is not None:
-            e = self.export_result.to_json()
-            verdict = "matches" if e["ok"] else "DIFFERS from"
-            console.print(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, "
-                          f"max abs {e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})")
+    def text(self, width: int = 80) -> str:
+        """The report as plain text lines of at most ``width`` columns (wrapped, never padded)."""
+        return "\n".join(_report_lines(self, max(width, 40)))
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def render(self, console=None) -> None:
+        """Print the report: to a rich ``console`` (its width), or to standard output at 80 columns."""
+        if console is None:
+            print(self.text())
+        else:
+            console.print(self.text(console.width), markup=False, highlight=False, soft_wrap=True)
+
+
+def _wrapped(text: str, width: int, indent: str, first: str = "") -> list[str]:
+    """``text`` wrapped at ``width``: the first line starts with ``first``, the rest with ``indent``."""
+    lines = textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False)
+    return lines or [first.rstrip()]
+
+
+def _report_lines(report: Report, width: int) -> list[str]:
+    out = _wrapped(report.summary, width, "  ")
+    primary = [c for c in report.changes if not c.get("edited")]
+    if primary:
+        paths = [c["path"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "") for c in primary]
+        col = min(max(len(p) for p in paths), width // 3)
+        for path, c in zip(paths, primary):
+            out += _wrapped(f"{path:<{col}}  {c['old']} → {c['summary']}", width, " " * (col + 4), "  ")
+            if c["notes"]:
+                out += _wrapped("; ".join(c["notes"]), width, " " * (col + 4), " " * (col + 4))
+    if report.skipped:
+        out.append(f"skipped {len(report.skipped)}:")
+        for s in report.skipped:
+            out += _wrapped(f"{s['path']} ({s['type']}): {s['reason']}", width, "    ", "  ")
+    for r in report.rules:
+        if r["matched"] == 0:
+            out += _wrapped(f"note: {r['rule']} ({r['replace']}) matched no layer", width, "  ")
+    for note in report.notes:
+        out += _wrapped(f"note: {note}", width, "  ")
+    if report.calibration_result is not None:
+        for line in report.calibration_result.lines():
+            lead = line[: len(line) - len(line.lstrip())]
+            out += _wrapped(line.strip(), width, lead + "  ", lead)
+    if report.check_result is not None:
+        out += _wrapped(f"check ({report.check_result.mode}): {report.check_result.summary}", width, "  ")
+    if report.export_result is not None:
+        e = report.export_result.to_json()
+        verdict = "matches" if e["ok"] else "DIFFERS from"
+        out += _wrapped(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, max abs "
+                        f"{e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})", width, "  ")
+    return out
 
 
 def summarize(module: nn.Module) -> str:

@@ -19,7 +19,7 @@ from .engine import Plan
 from .errors import CheckFailedError, InputSpecError, ModelLoadError
 from .model_io import Loaded, build_spec, check_readable, is_spec, is_tied_alias, load_model, sidecar_of, sidecar_path
 from .passes.calibration import calibrate, group_candidates, swaps_to_calibrate, with_chosen_groups
-from .recipe import Recipe
+from .recipe import CHECK_MODES, Recipe
 from .report import Report
 from .verify.check import CheckResult
 from .verify.check import check as run_check
@@ -50,6 +50,7 @@ def rewrite(
     *,
     inplace: bool = False,
     check: bool = False,
+    check_mode: str | None = None,
     dry_run: bool = False,
     example_inputs: Any = None,
     input_size: tuple[int, ...] | None = None,
@@ -61,18 +62,23 @@ def rewrite(
 ) -> Rewrite:
     """Plan ``recipe`` on ``model``, then (unless ``dry_run``) calibrate, apply and check; see ``api.apply``.
 
-    A failed check raises CheckFailedError carrying the result and the report, with the caller's model as
-    it was (an in-place rewrite is rolled back).
+    ``check_mode`` (numeric, interface, none) overrides the recipe's ``check``. A failed check raises
+    CheckFailedError carrying the result and the report, with the caller's model as it was (an in-place
+    rewrite is rolled back).
     """
+    if check_mode is not None and check_mode not in CHECK_MODES:
+        raise InputSpecError(f"unknown check mode {check_mode!r}", fix=f"use one of {', '.join(CHECK_MODES)}")
     # low_memory: edits of neighbouring layers (folds) are written at commit straight into the live layers, so no
     # copy of each edited layer is held. The price: an edit that fails there (out of memory) leaves the model
     # partly edited, so it is opt-in, in place only, with nothing to roll back or calibrate.
     if low_memory and (not inplace or check or calibration is not None):
         raise InputSpecError("low_memory=True edits the model in place at commit: it needs inplace=True, "
                              "check=False and no calibration", fix="pass inplace=True, check=False")
+    model, wrapped = _unwrapped(model, inplace)
     plan = engine.plan(model, recipe, example_inputs=example_inputs, input_size=input_size, defer_edits=low_memory,
                        **params)
     report = Report.from_plan(plan, model, applied=not dry_run)
+    report.notes[:0] = wrapped
     if dry_run:
         return Rewrite(None, plan, report)
     reference = engine.copy_model(model) if (check and inplace) else model
@@ -88,8 +94,9 @@ def rewrite(
     else:
         target, undo = (work if work is not None else engine.copied_with(model, plan)), []
     result = None
-    if check and plan.recipe.check != "none":
-        result = run_check(reference, target, example_inputs, mode=plan.recipe.check, input_size=input_size,
+    mode = check_mode or plan.recipe.check
+    if check and mode != "none":
+        result = run_check(reference, target, example_inputs, mode=mode, input_size=input_size,
                            fold_map=plan.fold_map)
         report.check_result = result
         if not result.ok:
@@ -99,6 +106,30 @@ def rewrite(
                 result=result, report=report,
             )
     return Rewrite(target, plan, report, result)
+
+
+# Wrappers that hold the real model as an attribute: (class name, attribute). Their own forward adds process
+# groups (DDP), device scatter (DataParallel) or compiled graphs (torch.compile) around the model's.
+_WRAPPERS = (("DistributedDataParallel", "module"), ("DataParallel", "module"), ("OptimizedModule", "_orig_mod"))
+
+
+def _unwrapped(model: nn.Module, inplace: bool) -> tuple[nn.Module, list[str]]:
+    """The model inside a DDP / DataParallel / torch.compile wrapper, with a note; in place is refused, since
+    the wrapper holds the old layers' parameters (gradient buckets, compiled graphs)."""
+    notes = []
+    for _ in range(3):  # a compiled DDP model is two wrappers deep
+        kind = next(((name, attr) for name, attr in _WRAPPERS if type(model).__name__ == name
+                     and isinstance(getattr(model, attr, None), nn.Module)), None)
+        if kind is None:
+            break
+        name, attr = kind
+        if inplace:
+            raise InputSpecError(f"the model is wrapped in {name}, which keeps references to the layers a rewrite "
+                                 "replaces", fix=f"rewrite model.{attr} before wrapping it (inplace=True on the "
+                                                 f"unwrapped model), then wrap it again")
+        model = getattr(model, attr)
+        notes.append(f"rewrote the model inside {name} (.{attr}); the result is not wrapped: wrap it again")
+    return model, notes
 
 
 # ---------------------------------------------------------------- loading, with normswap outputs replayed

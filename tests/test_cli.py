@@ -301,9 +301,24 @@ def test_fold_check_failure_writes_nothing(tmp_path, trained_sd, capsys, monkeyp
     _, sd = trained_sd
     out = tmp_path / "folded.onnx"
     assert main(["fold", str(sd), *FOLD, "-o", str(out)]) == 1
-    text = capsys.readouterr().out
-    assert "nothing was written" in text and "failed" in text
+    captured = capsys.readouterr()
+    assert "check (numeric): FAILED" in captured.out  # the report, on stdout
+    assert captured.err.startswith("normswap: nothing was written: the rewritten model failed the numeric check")
     assert list(tmp_path.iterdir()) == [sd]
+
+
+def test_apply_of_a_function_changing_recipe_under_a_numeric_check_says_what_to_do(tmp_path, capsys):
+    """A user's BN -> GroupNorm recipe checked numerically fails by design; the text says how to check it."""
+    recipe = tmp_path / "gn.yaml"
+    recipe.write_text("version: 1\nname: my_gn\nrules:\n  - match: {family: batchnorm}\n    replace: group_norm\n"
+                      "check: numeric\n")
+    out = tmp_path / "gn.safetensors"
+    assert main(["apply", str(recipe), "conftest:ConvBN", "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("normswap: nothing was written:") and "--check interface" in err
+    assert not out.exists()
+    assert main(["apply", str(recipe), "conftest:ConvBN", "-o", str(out), "--check", "interface"]) == 0
+    assert "check (interface): passed" in capsys.readouterr().out and out.exists()
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -370,7 +370,8 @@ def _locate(result: CheckResult, lw: Layerwise) -> None:
     hint = None
     if row.compared is None and row.candidate not in (None, row.reference):
         hint = (f"{row.reference} was replaced by {row.candidate}, which computes another function: "
-                "check such rewrites with mode='interface' (CLI: --mode interface)")
+                "check such rewrites with mode='interface' (CLI: normswap apply --check interface, normswap "
+                "check --mode interface, or `check: interface` in the recipe)")
     elif row.note:
         hint = row.note
     elif row.compared:
