@@ -16,8 +16,8 @@ import yaml
 
 from ._version import __version__
 from .errors import CheckFailedError, InputSpecError, NormswapError, OutputError
-from .inputs import parse_input_size
-from .model_io import Loaded, load_inputs, resolve_output, save_model
+from .inputs import cli_input_size
+from .model_io import EXPORT_SUFFIX, Loaded, load_inputs, resolve_output, save_model, sidecar_path
 from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
 from .rewrite import Rewrite, load_input, rewrite
@@ -28,11 +28,13 @@ from .verify.export import format_for
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own errors: exit 2 with usage, no traceback
         self.print_usage(sys.stderr)
-        raise _UsageError(f"{self.prog}: {message}")
+        raise _UsageError(self.prog, message)
 
 
 class _UsageError(Exception):
-    pass
+    def __init__(self, prog: str, message: str):
+        self.prog, self.message = prog, message
+        super().__init__(f"{prog}: {message}")
 
 
 def _model_args(p: argparse.ArgumentParser, name: str = "model") -> None:
@@ -64,7 +66,7 @@ def _add_apply(sub) -> None:
     p = sub.add_parser("apply", help="rewrite a model by a recipe")
     p.add_argument("recipe", metavar="RECIPE", help="built-in recipe name or YAML file")
     _model_args(p)
-    _rewrite_args(p, "output file (.safetensors or .pt); required unless --dry-run", "the plan", "the recipe's check")
+    _rewrite_args(p, "output file (.safetensors or .pt)", "the plan", "the recipe's check")
     p.add_argument("--check", choices=("numeric", "interface", "none"),
                    help="how to check the result (default: the recipe's check: numeric when every rule keeps the "
                         "eval-mode function, else interface)")
@@ -100,7 +102,7 @@ def _add_bake(sub) -> None:
 
 def _rewrite_args(p: argparse.ArgumentParser, output: str, dry_run: str, check: str) -> None:
     """The options apply, fold and bake share: where to write, a dry run, the example input, the check, JSON."""
-    p.add_argument("-o", "--output", help=output)
+    p.add_argument("-o", "--output", help=output + "; default: INPUT.RECIPE beside the input (here for a spec)")
     p.add_argument("--dry-run", action="store_true", help=f"print {dry_run}; change and write nothing")
     p.add_argument("--input-size", help="example input shape for analysis and the check, e.g. 1,3,224,224")
     p.add_argument("--no-check", action="store_true", help=f"skip {check}")
@@ -192,33 +194,39 @@ def _load(args, source: str | None = None) -> Loaded:
         trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False),
     )
     if getattr(args, "input_size", None):
-        loaded.input_size = list(parse_input_size(args.input_size))
+        loaded.input_size = list(cli_input_size(args.input_size, loaded.model))
     return loaded
 
 
 def cmd_apply(args) -> int:
     recipe = load_recipe(args.recipe, _params(args.set))
-    return _rewrite(args, recipe, _load(args) if args.dry_run or args.output else None)
+    if args.output and Path(args.output).suffix in (".onnx", ".pt2"):
+        raise OutputError(f"apply writes a model to rewrite or load again (.safetensors or .pt), not {args.output}: "
+                          "it has no export", fix="fold it for deployment (normswap fold OUT.safetensors -o "
+                                                  f"{Path(args.output).name}), or write .safetensors and export it")
+    return _rewrite(args, recipe, _load(args))
 
 
 def cmd_fold(args) -> int:
     recipe = load_recipe("fold_bn", _params(args.set))
-    loaded = _load(args) if args.dry_run or args.output else None
-    if loaded is not None:
-        training = [name for name, m in loaded.model.named_modules() if m.training]
-        if training:
-            loaded.model.eval()
-            loaded.notes.append(f"the model was in train mode ({len(training)} module(s)); switched it to eval mode, "
-                                "where BatchNorm uses its running statistics")
-    export = format_for(Path(args.output).suffix, args.export) if args.output else None
+    loaded = _load(args)
+    training = [name for name, m in loaded.model.named_modules() if m.training]
+    if training:
+        loaded.model.eval()
+        loaded.notes.append(f"the model was in train mode ({len(training)} module(s)); switched it to eval mode, "
+                            "where BatchNorm uses its running statistics")
+    export = format_for(Path(args.output).suffix if args.output else "", args.export)
     return _rewrite(args, recipe, loaded, export=export, eval_mode=True)
 
 
-def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eval_mode: bool = False) -> int:
+def _rewrite(args, recipe, loaded: Loaded, export: str | None = None, eval_mode: bool = False) -> int:
     """Plan, apply to a copy, check, and write atomically; nothing is written unless the check passes."""
-    if loaded is None:
-        raise InputSpecError(f"{args.command} needs -o OUT (or --dry-run)", fix="add -o result.safetensors")
-    out = None if args.dry_run else resolve_output(args.output, loaded, export=export)
+    out = None
+    if not args.dry_run:
+        out = resolve_output(args.output or _default_output(loaded, recipe.name, export), loaded, export=export)
+        if not args.output and (out.exists() or sidecar_path(out).exists()):
+            raise OutputError(f"{out} exists (the default output name for this input and recipe); nothing was "
+                              "overwritten", fix="name the output with -o OUT, or move the old file away")
     input_size = tuple(loaded.input_size) if loaded.input_size else None
     batches = None if args.dry_run else _calibration_batches(args, loaded, input_size)
     if batches and input_size is None:
@@ -241,6 +249,16 @@ def _rewrite(args, recipe, loaded: Loaded | None, export: str | None = None, eva
     if failure and not args.json:
         print(f"normswap: nothing was written: {failure}", file=sys.stderr)
     return 1 if failure else 0
+
+
+def _default_output(loaded: Loaded, recipe_name: str, export: str | None) -> Path:
+    """``<input stem>.<recipe>.<ext>`` beside the input file, or ``<model name>.<recipe>.<ext>`` here for a
+    spec; the extension as for an OUT without one: the export's, .pt for a pickled module, else .safetensors."""
+    ext = EXPORT_SUFFIX[export] if export else (".pt" if loaded.spec is None else ".safetensors")
+    if loaded.path is not None:
+        return loaded.path.with_name(f"{loaded.path.stem}.{recipe_name}{ext}")
+    name = (loaded.spec or "model").rpartition(":")[2].rpartition("/")[2] or "model"
+    return Path.cwd() / f"{name}.{recipe_name}{ext}"
 
 
 def _check_failed(args, result) -> None:
@@ -306,7 +324,7 @@ def _calibration_batches(args, loaded: Loaded, input_size) -> list | None:
 
 def cmd_bake(args) -> int:
     recipe = load_recipe("bake")
-    return _rewrite(args, recipe, _load(args) if args.dry_run or args.output else None)
+    return _rewrite(args, recipe, _load(args))
 
 
 def cmd_recalibrate(args) -> int:
@@ -412,7 +430,7 @@ def cmd_check(args) -> int:
     cand = load_input(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
     import torch
 
-    input_size = parse_input_size(args.input_size) if args.input_size else None
+    input_size = cli_input_size(args.input_size, ref.model) if args.input_size else None
     if input_size is None and inputs is None and ref.input_size:
         input_size = tuple(ref.input_size)
     result = run_check(
@@ -482,18 +500,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help / --version
         return int(e.code or 0)
     except _UsageError as e:
-        _fail(want_json, "usage", str(e), None)
+        _fail(want_json, "usage", str(e), None, prefix=f"{e.prog}: error: {e.message}")
         return 2
     except (NormswapError, InputSpecError) as e:
         _fail(want_json, e.code, e.message, e.fix, extra=e.to_json())
         return 2
 
 
-def _fail(want_json: bool, code: str, message: str, fix: str | None, extra: dict | None = None) -> None:
+def _fail(want_json: bool, code: str, message: str, fix: str | None, extra: dict | None = None,
+          prefix: str | None = None) -> None:
     if want_json:
         print(json.dumps({"error": extra or {"code": code, "message": message, "fix": fix}}, indent=2))
     else:
-        print(f"normswap: error: {message}", file=sys.stderr)
+        print(prefix or f"normswap: error: {message}", file=sys.stderr)
         if fix:
             print(f"  fix: {fix}", file=sys.stderr)
 

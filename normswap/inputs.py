@@ -24,6 +24,17 @@ def parse_input_size(text: str) -> tuple[int, ...]:
     return shape
 
 
+def cli_input_size(text: str, model: nn.Module) -> tuple[int, ...]:
+    """``--input-size``: a full shape, or timm's C,H,W habit (one dimension short of what the model takes),
+    which means batch 1."""
+    shape = parse_input_size(text)
+    try:
+        without_batch, _ = infer_input_size(model)
+    except InputSpecError:
+        return shape
+    return (1, *shape) if len(shape) == len(without_batch) else shape
+
+
 def _cfg_input_size(model: nn.Module) -> tuple[int, ...] | None:
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
@@ -38,8 +49,12 @@ def infer_input_size(model: nn.Module) -> tuple[tuple[int, ...], str]:
     if size is not None:
         return size, "the model's pretrained_cfg"
     for m in model.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            spatial = {1: (256,), 2: (224, 224), 3: (16, 64, 64)}[m.weight.ndim - 2]
+        if isinstance(m, nn.modules.conv._ConvNd) and isinstance(getattr(m, "in_channels", None), int):
+            dims = len(m.kernel_size)
+            if m.transposed:  # a generator's first layer: a small map (DCGAN takes 1x1)
+                spatial = (4,) * dims
+            else:
+                spatial = {1: (256,), 2: (224, 224), 3: (16, 64, 64)}.get(dims, (16,) * dims)
             return (m.in_channels, *spatial), f"a guess from the first conv ({m.in_channels} input channels)"
         if isinstance(m, nn.Linear):
             return (m.in_features,), f"a guess from the first linear layer ({m.in_features} features)"

@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -79,7 +80,7 @@ def build_spec(spec: str) -> nn.Module:
         no_backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
         return builder(weights=None, **no_backbone)
     try:
-        module = importlib.import_module(head)
+        module = _import_from_cwd(head)
     except ImportError as e:
         raise ModelLoadError(
             f"cannot import module '{head}' named in spec '{spec}': {e}",
@@ -95,6 +96,19 @@ def build_spec(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import_from_cwd(name: str):
+    """Import ``name`` as ``python -m`` would: the current folder first on the path (my_gan.py beside you)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def _close(name: str, choices: list[str]) -> str:
@@ -183,6 +197,7 @@ def read_object(path: Path, *, trust_pickle: bool) -> Any:
             return load_file(str(path))
         except Exception as e:
             raise ModelLoadError(f"cannot read {path} as safetensors: {e}") from None
+    _refuse_text(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -197,14 +212,40 @@ def read_object(path: Path, *, trust_pickle: bool) -> Any:
                 fix="pass --trust-pickle (trust_pickle=True) if you trust where it came from, "
                 "or save a state dict and load it with --arch SPEC",
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - torch's unpickler fails on garbage in many ways (KeyError, ...)
         raise ModelLoadError(
-            f"cannot read {path}: {_first_line(e)}", fix="the file may be truncated or not a PyTorch checkpoint"
+            f"cannot read {path}: {type(e).__name__}: {_first_line(e)}",
+            fix="the file may be truncated or not a PyTorch checkpoint",
         ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
+    except (AttributeError, ModuleNotFoundError) as e:
+        where = "__main__ (the script that saved it)" if "__main__" in str(e) else "a module that cannot be imported"
+        raise ModelLoadError(
+            f"cannot unpickle {path}: it refers to a class in {where}: {_first_line(e)}",
+            fix="run from the folder holding the model's code (its module must be importable), or save "
+                "model.state_dict() and load it with --arch package.module:factory",
+        ) from None
     except Exception as e:
         raise ModelLoadError(f"cannot unpickle {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _refuse_text(path: Path) -> None:
+    """A Git LFS pointer or any other text file given as a checkpoint: say what it is."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise ModelLoadError(f"{path} is a Git LFS pointer file ({len(head)} bytes of text), not the weights",
+                             fix="fetch the real file (git lfs pull, or download it from where the repository "
+                                 "stores it)")
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    if head and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.splitlines()[0][:60] if text.strip() else ""
+        raise ModelLoadError(f"{path} is a text file ({first!r}...), not a PyTorch checkpoint",
+                             fix="give the checkpoint itself (.pt, .pth, .bin or .safetensors)")
 
 
 def _plain_pickle_with_objects(path: Path) -> bool:
@@ -412,9 +453,11 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> str:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         write(tmp)
+        # mkstemp makes 0600, and some writers (safetensors) replace the file: give the result the
+        # permissions open() would, after the write
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     except BaseException:

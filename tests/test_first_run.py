@@ -64,3 +64,63 @@ def test_cli_output_is_80_columns_without_padding_when_piped(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("bn_to_gn on RexNet: would swap 49 BatchNormAct2d → GroupNormAct")
     assert all(len(ln) <= 80 and ln == ln.rstrip() for ln in out), max(out, key=len)
+
+
+def test_apply_without_o_writes_input_stem_dot_recipe_beside_the_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), ckpt)
+    arch = ["--arch", "timm:resnet18", "--input-size", "3,64,64"]  # C,H,W: batch 1
+    assert main(["apply", "bn_to_gn", str(ckpt), *arch]) == 0
+    out = tmp_path / "ckpt.bn_to_gn.safetensors"
+    assert out.exists() and f"wrote {out}" in " ".join(capsys.readouterr().out.split())
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+    assert main(["apply", "bn_to_gn", str(ckpt), *arch]) == 2  # never over an existing default output
+    assert "exists" in capsys.readouterr().err
+    assert main(["apply", "bn_to_gn", "timm:resnet18", "--input-size", "3,64,64"]) == 0  # a spec: here
+    assert (tmp_path / "resnet18.bn_to_gn.safetensors").exists()
+    assert main(["apply", "bn_to_gn", str(tmp_path / "missing.pth"), *arch]) == 2
+    assert "missing.pth does not exist" in capsys.readouterr().err
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_apply_to_onnx_names_the_real_fix(capsys):
+    assert main(["apply", "bn_to_gn", "timm:resnet18", "-o", "x.onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "it has no export" in err and "normswap fold" in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"hello world\nthis is text\n", "is a text file"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 12345\n", "Git LFS pointer"),
+    (b"\x80\x02}q\x00(K\x01K\x02u" + b"\x00" * 40, "cannot read"),
+])
+def test_text_lfs_and_garbage_checkpoints_are_exit_2_without_traceback(tmp_path, capsys, content, needle):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    assert main(["fold", str(bad), "--arch", "timm:resnet18", "-o", str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.startswith("normswap: error:")
+
+
+def test_module_factory_specs_import_from_the_current_folder(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_gan.py").write_text(
+        "import torch.nn as nn\n"
+        "def GAN():\n    return nn.Sequential(nn.ConvTranspose2d(8, 4, 4), nn.BatchNorm2d(4), nn.ReLU())\n")
+    monkeypatch.chdir(tmp_path)
+    # the first layer is a ConvTranspose2d: the example input is guessed from it
+    assert main(["fold", "my_gan:GAN", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("fold_bn on Sequential: would fold 1 of 1 BatchNorm, 0 left")
+
+
+def test_usage_errors_have_one_prefix(capsys):
+    assert main(["apply"]) == 2
+    err = capsys.readouterr().err
+    assert "normswap apply: error: the following arguments are required" in err and "normswap: error:" not in err
