@@ -9,7 +9,10 @@ were all looked up first, so it cannot stop halfway.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
 import gc
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -22,6 +25,7 @@ from .factory import LayerContext, NeighbourEdit, SkipLayer
 from .fold_map import FoldLink
 from .graph import DataFlow, record
 from .inputs import make_inputs
+from .match import glob_match
 from .module_copy import deepcopy_module
 from .recipe import Recipe, Rule, load_recipe
 
@@ -159,6 +163,7 @@ class _Planner:
                 self.counts[rule_i] += 1
                 self._build(rule_i, module, paths)
         self._required_rules()
+        self._likely_typos()
         if self.errors:
             if len(self.errors) == 1:
                 raise self.errors[0]
@@ -242,6 +247,60 @@ class _Planner:
                     fix=f"check its match block at {self.recipe.source}" + (f":{rule.line}" if rule.line else "")
                     + ", or set 'required: false'",
                 ))
+
+
+    def _likely_typos(self) -> None:
+        """A ``type:`` naming no class anywhere, or a ``path:`` list none of whose globs selects any module, is
+        almost certainly a typo: an error with the nearest names. Anything else that matches nothing (a class
+        this model lacks, a family it has none of) stays a note in the report."""
+        known = _known_class_names(self.model)
+        paths = list(self.layers)
+        for rule in self.recipe.rules:
+            where = f"{self.recipe.source}" + (f":{rule.line}" if rule.line else "")
+            for name in rule.selector.types:
+                if name not in known and not _importable_class(name):
+                    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+                    hint = f"did you mean '{close[0]}'? " if close else ""
+                    self.errors.append(PlanError(
+                        f"recipe '{self.recipe.name}' {rule.label()}: type '{name}' names no class of "
+                        f"{type(self.model).__name__}, torch.nn, timm.layers or normswap.layers",
+                        fix=f"{hint}(at {where}; class names are case-sensitive)", code="likely_typo"))
+            globs = rule.selector.paths
+            if globs and not any(glob_match(g, p) for g in globs for p in paths if p):
+                near = sorted({c for g in globs for c in difflib.get_close_matches(g, paths, n=3, cutoff=0.5)})
+                self.errors.append(PlanError(
+                    f"recipe '{self.recipe.name}' {rule.label()}: no module of {type(self.model).__name__} is at "
+                    f"path {', '.join(repr(g) for g in globs)}",
+                    fix=(f"nearest paths: {', '.join(near[:3])}; " if near else "")
+                    + f"paths are dotted module names, * one segment, ** any (at {where})", code="likely_typo"))
+
+
+@functools.cache
+def _library_class_names() -> frozenset[str]:
+    import timm.layers
+
+    from . import layers
+
+    return frozenset(n for ns in (nn, timm.layers, layers) for n in dir(ns) if isinstance(getattr(ns, n, None), type))
+
+
+def _known_class_names(model: nn.Module) -> set[str]:
+    names = set(_library_class_names())
+    for cls in {type(m) for m in model.modules()}:
+        for c in cls.__mro__:
+            names.update((c.__name__, f"{c.__module__}.{c.__qualname__}"))
+    return names
+
+
+def _importable_class(name: str) -> bool:
+    """``package.module.Class`` that imports: a class this model does not use, not a typo."""
+    module, _, attr = name.rpartition(".")
+    if not module:
+        return False
+    try:
+        return isinstance(getattr(importlib.import_module(module), attr, None), type)
+    except Exception:  # noqa: BLE001 - not importable: then it is no class anywhere
+        return False
 
 
 def _private_copy(live: nn.Module, overwrites: tuple[str, ...]) -> nn.Module:

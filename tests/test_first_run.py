@@ -124,3 +124,29 @@ def test_usage_errors_have_one_prefix(capsys):
     assert main(["apply"]) == 2
     err = capsys.readouterr().err
     assert "normswap apply: error: the following arguments are required" in err and "normswap: error:" not in err
+
+
+@pytest.mark.parametrize("match, needle, fix", [
+    ("{type: BatchNorm2D}", "type 'BatchNorm2D' names no class of ResNet", "did you mean 'BatchNorm2d'?"),
+    ("{family: batchnorm, path: 'layr1.**'}", "no module of ResNet is at path 'layr1.**'", "nearest paths: layer1"),
+])
+def test_a_rule_that_matches_nothing_through_a_typo_is_exit_2(tmp_path, capsys, match, needle, fix):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(f"version: 1\nname: my_gn\nrules:\n  - match: {match}\n    replace: group_norm\n"
+                      "check: interface\n")
+    out = tmp_path / "out.safetensors"
+    assert main(["apply", str(recipe), "timm:resnet18", "--input-size", "3,64,64", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and fix in err and f"{recipe}:4" in err and not out.exists()
+
+
+@pytest.mark.parametrize("match", [
+    "{type: ConvTranspose2d}",  # a correctly spelled class this model lacks
+    "{family: batchnorm, path: ['layer1.**', 'no_such.**']}",  # one glob of a list matching nothing
+    "{family: frozen_batchnorm}",  # a family the model lacks
+    "{type: timm.layers.norm_act.GroupNormAct}",  # a dotted class name that imports
+])
+def test_rules_that_match_nothing_for_real_stay_notes(tmp_path, capsys, match):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nname: r\nrules:\n  - match: {match}\n    replace: group_norm\ncheck: interface\n")
+    assert main(["apply", str(recipe), "timm:resnet18", "--input-size", "3,64,64", "--dry-run"]) == 0
