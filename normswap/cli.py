@@ -21,6 +21,7 @@ from .model_io import EXPORT_SUFFIX, Loaded, load_inputs, resolve_output, save_m
 from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
 from .rewrite import Rewrite, load_input, rewrite
+from .text import wrapped
 from .verify.check import check as run_check
 from .verify.export import format_for
 
@@ -409,7 +410,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(table.to_json(), indent=2))
     else:
-        table.render(_console())
+        print(table.text(_width()))
     return 0
 
 
@@ -459,15 +460,13 @@ def cmd_recipes(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table(show_edge=False, header_style="bold")
-    for col in ("recipe", "params", "description"):
-        table.add_column(col, overflow="fold")
+    width = _width()
+    lines = []
     for row in rows:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items())
-        table.add_row(row["name"], params, row["description"])
-    _console().print(table)
+        lines.append(f"{row['name']}" + (f"  ({params})" if params else "") + f"  [check: {row['check']}]")
+        lines += wrapped(row["description"], width, "    ", "    ")
+    print("\n".join(lines))
     return 0
 
 

@@ -10,6 +10,7 @@ from .catalog.folding import fold_site, next_layer_site
 from .families import channels_of, family_of, is_norm_layer, near_family_of
 from .graph import DataFlow, describe, record, users_of
 from .inputs import make_inputs
+from .text import wrapped
 
 
 @dataclass
@@ -33,29 +34,38 @@ class InspectTable:
         bns = [r for r in self.rows if r["foldable"] is not None]
         return sum(1 for r in bns if r["foldable"] and not r["fold_into_next"]), len(bns)
 
-    def render(self, console) -> None:
-        from rich.table import Table
-
-        table = Table(show_edge=False, header_style="bold")
-        for col in ("layer", "class", "C", "mode", "affine", "stats", "calls", "input from", "foldable"):
-            table.add_column(col, overflow="fold")
+    def text(self, width: int = 80) -> str:
+        """One entry per layer, wrapped at ``width``, then the counts."""
+        width = max(width, 40)
+        out = []
+        col = min(max((len(r["path"]) for r in self.rows), default=0), width // 3)
         for r in self.rows:
             path = r["path"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else "")
-            stats = "running" if r["running_stats"] else "computed"  # kept from training, or from each input
-            table.add_row(path, r["class"], str(r["channels"]), r["mode"], "yes" if r["affine"] else "no", stats,
-                          str(r["calls"]), r["producer"] or "-", _fold_cell(r))
-        console.print(table)
+            stats = "running stats" if r["running_stats"] else "computed stats"  # kept from training, or per input
+            facts = (f"{r['class']}, {r['channels']} ch, {r['mode']}, {'affine' if r['affine'] else 'no affine'}, "
+                     f"{stats}, {r['calls']} call(s)")
+            out += wrapped(f"{path:<{col}}  {facts}", width, " " * (col + 4), "  ")
+            out += wrapped(f"input from {r['producer'] or '-'}; fold: {_fold_cell(r)}", width, " " * (col + 4),
+                           " " * (col + 4))
         counts = ", ".join(f"{n} {fam}" for fam, n in self.summary().items()) or "none"
-        console.print(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "
-                      f"(input {tuple(self.input_shape)})")
+        out += wrapped(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "
+                       f"(input {tuple(self.input_shape)})", width, "  ")
         folds, bns = self.foldable_count()
         if bns:
-            console.print(f"fold_bn would fold {folds} of {bns} BatchNorm layer(s)")
+            out.append(f"fold_bn would fold {folds} of {bns} BatchNorm layer(s)")
             training = sum(1 for r in self.rows if r["foldable"] is not None and r["mode"] == "train")
             if training:
-                console.print(f"note: {training} of them are in train mode; the foldable column assumes eval mode, "
-                              "which `normswap fold` sets first (models built from a spec or a state dict start in "
-                              "train mode; normswap.fold leaves train-mode BNs alone)")
+                out += wrapped(f"note: {training} of them are in train mode; the fold column assumes eval mode, "
+                               "which `normswap fold` sets first (models built from a spec or a state dict start "
+                               "in train mode; normswap.fold asks for model.eval())", width, "  ")
+        return "\n".join(out)
+
+    def render(self, console=None) -> None:
+        """Print the table: to a rich ``console`` (its width), or to standard output at 80 columns."""
+        if console is None:
+            print(self.text())
+        else:
+            console.print(self.text(console.width), markup=False, highlight=False, soft_wrap=True)
 
 
 def _fold_columns(flow: DataFlow, path: str, module: nn.Module) -> dict[str, Any]:

@@ -6,7 +6,6 @@ ExportedFile) and turns them into JSON only in ``to_json``; ``check``,
 """
 from __future__ import annotations
 
-import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ import torch.nn as nn
 
 from .engine import Plan
 from .passes.calibration import CalibrationReport
+from .text import wrapped
 from .verify.check import CheckResult
 from .verify.export import ExportedFile
 
@@ -136,42 +136,35 @@ class Report:
             console.print(self.text(console.width), markup=False, highlight=False, soft_wrap=True)
 
 
-def _wrapped(text: str, width: int, indent: str, first: str = "") -> list[str]:
-    """``text`` wrapped at ``width``: the first line starts with ``first``, the rest with ``indent``."""
-    lines = textwrap.wrap(text, width, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False,
-                          break_long_words=False)  # a path stays whole, to copy it
-    return lines or [first.rstrip()]
-
-
 def _report_lines(report: Report, width: int) -> list[str]:
-    out = _wrapped(report.summary, width, "  ")
+    out = wrapped(report.summary, width, "  ")
     primary = [c for c in report.changes if not c.get("edited")]
     if primary:
         paths = [c["path"] + (f" (= {', '.join(c['aliases'])})" if c["aliases"] else "") for c in primary]
         col = min(max(len(p) for p in paths), width // 3)
         for path, c in zip(paths, primary):
-            out += _wrapped(f"{path:<{col}}  {c['old']} → {c['summary']}", width, " " * (col + 4), "  ")
+            out += wrapped(f"{path:<{col}}  {c['old']} → {c['summary']}", width, " " * (col + 4), "  ")
             if c["notes"]:
-                out += _wrapped("; ".join(c["notes"]), width, " " * (col + 4), " " * (col + 4))
+                out += wrapped("; ".join(c["notes"]), width, " " * (col + 4), " " * (col + 4))
     if report.skipped:
         out.append(f"skipped {len(report.skipped)}:")
         for s in report.skipped:
-            out += _wrapped(f"{s['path']} ({s['type']}): {s['reason']}", width, "    ", "  ")
+            out += wrapped(f"{s['path']} ({s['type']}): {s['reason']}", width, "    ", "  ")
     for r in report.rules:
         if r["matched"] == 0:
-            out += _wrapped(f"note: {r['rule']} ({r['replace']}) matched no layer", width, "  ")
+            out += wrapped(f"note: {r['rule']} ({r['replace']}) matched no layer", width, "  ")
     for note in report.notes:
-        out += _wrapped(f"note: {note}", width, "  ")
+        out += wrapped(f"note: {note}", width, "  ")
     if report.calibration_result is not None:
         for line in report.calibration_result.lines():
             lead = line[: len(line) - len(line.lstrip())]
-            out += _wrapped(line.strip(), width, lead + "  ", lead)
+            out += wrapped(line.strip(), width, lead + "  ", lead)
     if report.check_result is not None:
-        out += _wrapped(f"check ({report.check_result.mode}): {report.check_result.summary}", width, "  ")
+        out += wrapped(f"check ({report.check_result.mode}): {report.check_result.summary}", width, "  ")
     if report.export_result is not None:
         e = report.export_result.to_json()
         verdict = "matches" if e["ok"] else "DIFFERS from"
-        out += _wrapped(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, max abs "
+        out += wrapped(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, max abs "
                         f"{e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})", width, "  ")
     return out
 

@@ -121,6 +121,7 @@ class CheckResult:
                 out.append(f"                   {d['hint']}")
         if self.layers:
             out.append(f"  layers compared  {len(self.layers)}")
+            out += _most_divergent(self.layers)
         for p in self.problems:
             out.append(f"  problem: {p}")
         for n in self.notes:
@@ -137,6 +138,25 @@ class CheckResult:
             "first_divergence": self.first_divergence, "layers": self.layers, "noise_floor": self.noise_floor,
             "rounding_floor": self.rounding_floor, "threshold": self.threshold, "summary": self.summary,
         }
+
+
+def _most_divergent(rows: list[dict], n: int = 5) -> list[str]:
+    """The ``n`` layer calls with the largest local error (each run on the reference's input), as text rows."""
+    def local(row: dict) -> float:
+        value = row.get("local_rel")
+        return float(value) if value is not None else -1.0  # "inf" (a JSON-safe infinity) reads back as inf
+
+    ranked = sorted((r for r in rows if r.get("local_rel") is not None), key=local, reverse=True)[:n]
+    if not ranked:
+        return []
+    out = ["  most divergent   layer (reference -> candidate): local rel error, propagated"]
+    for r in ranked:
+        call = f"#{r['call'] + 1}" if r.get("call") else ""
+        swap = r["reference"] if r.get("candidate") in (None, r["reference"]) else f"{r['reference']} -> {r['candidate']}"
+        prop = r.get("propagated_rel")
+        prop_text = f"{float(prop):.3g}" if prop is not None else "-"
+        out.append(f"    {r['path']}{call} ({swap}): {local(r):.3g}, {prop_text}")
+    return out
 
 
 def _finite(x: float) -> float | str:
