@@ -58,7 +58,7 @@ def test_apply_state_dict_to_safetensors_and_reload(tmp_path, r50_sd, capsys):
     before = sd.read_bytes()
     assert main(["apply", "bn_to_gn", str(sd), "--arch", "timm:resnet50", "-o", str(out), *SMALL]) == 0
     text = capsys.readouterr().out
-    assert "changed 53 layer(s)" in text and "check (interface): passed" in text
+    assert "swapped 53 BatchNorm2d → GroupNorm" in text and "check (interface): passed" in text
     assert sd.read_bytes() == before
     side = json.loads((tmp_path / "r50_gn.safetensors.json").read_text())
     assert side["arch"] == "timm:resnet50" and side["report"]["changed"] == 53
@@ -233,7 +233,7 @@ def test_installed_entry_point(tmp_path):
     proc = subprocess.run([str(exe), "apply", "bn_to_gn", "timm:resnet18", "-o", str(out), *SMALL],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr
-    assert "changed 20 layer(s)" in proc.stdout and out.exists()
+    assert "swapped 20 BatchNorm2d → GroupNorm" in proc.stdout and out.exists()
 
 
 # ------------------------------------------------------------------ fold
