@@ -90,6 +90,9 @@ def _add_fold(sub) -> None:
     _rewrite_args(p, "output file (.safetensors, .pt, or with --export .onnx / .pt2)", "what would fold",
                   "the numeric check")
     p.add_argument("--export", choices=("onnx", "pt2"), help="write an ONNX or torch.export file, verified by running it")
+    p.add_argument("--dynamic", choices=("batch", "spatial", "none"), default="batch",
+                   help="input dimensions the exported file leaves free (default batch; spatial: batch, height, "
+                        "width), each verified at two sizes; a model that cannot gets a fixed-shape file and a note")
     p.add_argument("--set", action="append", default=[], metavar="K=V",
                    help="fold_bn parameter: bake_parametrizations, unfoldable, into_next")
 
@@ -245,7 +248,7 @@ def _rewrite(args, recipe, loaded: Loaded, export: str | None = None, eval_mode:
         return 1
     report = done.report
     report.notes[:0] = loaded.notes
-    failure = None if args.dry_run else _write(done, out, loaded, export, eval_mode)
+    failure = None if args.dry_run else _write(done, out, loaded, export, eval_mode, getattr(args, "dynamic", "batch"))
     _emit(args, report)
     if failure and not args.json:
         print(f"normswap: nothing was written: {failure}", file=sys.stderr)
@@ -277,7 +280,8 @@ def _check_failed(args, result) -> None:
               "in the recipe); else the layer named above is where the outputs part", file=sys.stderr)
 
 
-def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mode: bool) -> str | None:
+def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mode: bool,
+           dynamic: str = "batch") -> str | None:
     """Export (verified) if asked, then save the model and its sidecar; what went wrong, if the export differs."""
     data = None
     report = done.report
@@ -286,7 +290,8 @@ def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mo
         from .verify.export import export_verified
 
         input_size = tuple(loaded.input_size) if loaded.input_size else None
-        exported = export_verified(done.model, make_inputs(done.model, input_size), export)
+        exported = export_verified(done.model, make_inputs(done.model, input_size), export,
+                                   dynamic=dynamic)
         report.export_result = exported
         if not exported.ok:
             return f"the exported {export} model differs from PyTorch's output (max rel {exported.max_rel:.2e})"

@@ -164,8 +164,11 @@ def _report_lines(report: Report, width: int) -> list[str]:
     if report.export_result is not None:
         e = report.export_result.to_json()
         verdict = "matches" if e["ok"] else "DIFFERS from"
-        out += wrapped(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB): {verdict} PyTorch, max abs "
-                        f"{e['max_abs']:.2e}, max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})", width, "  ")
+        free = {"batch": "dynamic batch", "spatial": "dynamic batch and spatial size"}.get(e["dynamic"], "fixed shape")
+        out += wrapped(f"export ({e['format']}, {e['bytes'] / 1e6:.1f} MB, {free}): {verdict} PyTorch on "
+                       f"{', '.join('x'.join(map(str, s)) for s in e['verified_on'])}, max abs {e['max_abs']:.2e}, "
+                       f"max rel {e['max_rel']:.2e} (tolerance {e['rtol']:.0e})", width, "  ")
+        out += [line for n in e["notes"] for line in wrapped(f"note: {n}", width, "  ")]
     return out
 
 

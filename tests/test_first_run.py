@@ -150,3 +150,38 @@ def test_rules_that_match_nothing_for_real_stay_notes(tmp_path, capsys, match):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"version: 1\nname: r\nrules:\n  - match: {match}\n    replace: group_norm\ncheck: interface\n")
     assert main(["apply", str(recipe), "timm:resnet18", "--input-size", "3,64,64", "--dry-run"]) == 0
+
+
+class FlatHead(nn.Module):
+    """A conv net whose linear head fixes the spatial size: only its batch can be dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_exports_have_a_dynamic_batch_verified_at_two_sizes(tmp_path, capsys):
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    assert main(["fold", "conftest:ConvBN", "--input-size", "3,16,16", "-o", str(out)]) == 0
+    assert "dynamic batch): matches PyTorch on 1x3x16x16, 3x3x16x16" in " ".join(capsys.readouterr().out.split())
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 16, 16).numpy()})[0].shape[0] == 5
+
+
+def test_a_model_that_cannot_be_spatially_dynamic_gets_a_fixed_export_and_a_note():
+    from normswap.verify.export import export_verified
+
+    model = FlatHead().eval()
+    spatial = export_verified(model, torch.randn(1, 3, 8, 8), "pt2", dynamic="spatial")
+    assert spatial.ok and spatial.dynamic == "none" and "a spatial-dynamic export failed" in spatial.notes[0]
+    batch = export_verified(model, torch.randn(1, 3, 8, 8), "pt2", dynamic="batch")
+    assert batch.ok and batch.dynamic == "batch" and batch.verified_on == [[1, 3, 8, 8], [3, 3, 8, 8]]
+    program = torch.export.load(__import__("io").BytesIO(batch.data)).module()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(program(x), model(x), atol=1e-5)
