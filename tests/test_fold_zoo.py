@@ -11,8 +11,8 @@ from normswap.families import family_of
 from normswap.graph import record, users_of
 from normswap.testing import randomize_bn
 
+from models import bn_layers
 from zoo import ZOO
-from test_zoo import bn_layers
 
 
 def foldable_left(model, x):

@@ -5,15 +5,11 @@ import torch
 import torch.nn as nn
 
 import normswap
-from normswap.families import family_of
 from normswap.graph import record
 from normswap.testing import randomize_bn
 
+from models import bn_layers
 from zoo import ZOO
-
-
-def bn_layers(model):
-    return {n: m for n, m in model.named_modules() if family_of(m) in ("batchnorm", "frozen_batchnorm")}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
