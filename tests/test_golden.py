@@ -1,11 +1,13 @@
-"""Golden text: the human-readable reports of `normswap check` and `normswap inspect`, character for character.
+"""Golden text: the human-readable reports of `normswap check`, `inspect`, `apply` and `fold`, character for character.
 
 The models are float64 (and the figures three significant digits), so the text
-does not depend on the machine's float32 kernels. After an intended format
-change, regenerate with ``NORMSWAP_UPDATE_GOLDEN=1 pytest tests/test_golden.py``
-and review the diff.
+does not depend on the machine's float32 kernels. apply and fold run in a
+temporary folder with relative paths, and the float64 rounding figures of the
+fold's check are masked. After an intended format change, regenerate with
+``NORMSWAP_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the diff.
 """
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,28 @@ def test_inspect_report(capsys):
     code, out = run(capsys, ["inspect", "models:branches", "--input-size", "2,3,8,8"])
     assert code == 0
     golden("inspect.txt", out)
+
+
+def rewrite(capsys, monkeypatch, tmp_path, state_dict, argv, output):
+    """Run apply/fold on the state dict from inside tmp_path: relative paths, so no machine path is printed."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, [*argv, state_dict.name, "--arch", "models:convbn64", "--input-size", "2,3,16,16",
+                             "-o", output])
+    assert code == 0, out
+    assert (tmp_path / output).is_file() and (tmp_path / f"{output}.json").is_file()
+    return out.replace(str(tmp_path), "<tmp>")
+
+
+def test_apply_report(capsys, monkeypatch, tmp_path, state_dicts):
+    a, _ = state_dicts
+    out = rewrite(capsys, monkeypatch, tmp_path, a, ["apply", "bn_to_gn"], "gn.safetensors")
+    golden("apply.txt", out)
+
+
+def test_fold_report(capsys, monkeypatch, tmp_path, state_dicts):
+    a, _ = state_dicts
+    out = rewrite(capsys, monkeypatch, tmp_path, a, ["fold"], "folded.safetensors")
+    # the float64 fold differs from the original by rounding only; its digits depend on the machine's kernels
+    figure = r"(?<=max (?:abs|rel) )[0-9.e+-]+"  # printed with .3g
+    assert [float(f) < 1e-14 for f in re.findall(figure, out)] == [True, True], out
+    golden("fold.txt", re.sub(figure, "<rounding>", out))
