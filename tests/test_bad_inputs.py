@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ConvBN
 
 import normswap
 from normswap.cli import main
 from normswap.errors import NormswapError
+
+from models import ConvBN
 
 CORPUS = Path(__file__).parent / "bad_recipes"
 
@@ -92,7 +93,7 @@ def test_bad_recipe(tmp_path, capsys, state_dict, name):
     recipe = CORPUS / f"{name}.yaml"
     out = tmp_path / "out.safetensors"
     where = f"{recipe}:{line}" if line else str(recipe) if name != "25_impossible_groups" else "layer 'bn1'"
-    assert_refused(capsys, ["apply", str(recipe), str(state_dict), "--arch", "conftest:ConvBN", "-o", str(out),
+    assert_refused(capsys, ["apply", str(recipe), str(state_dict), "--arch", "models:ConvBN", "-o", str(out),
                             "--input-size", "2,3,16,16"], needle, where, [recipe, state_dict], out)
 
 
@@ -102,7 +103,7 @@ def test_bad_recipe_in_python_and_json(tmp_path, capsys, state_dict, name):
     with pytest.raises(NormswapError, match=None) as e:
         normswap.apply(ConvBN(), str(CORPUS / f"{name}.yaml"))
     assert needle in str(e.value)
-    assert main(["apply", str(CORPUS / f"{name}.yaml"), str(state_dict), "--arch", "conftest:ConvBN",
+    assert main(["apply", str(CORPUS / f"{name}.yaml"), str(state_dict), "--arch", "models:ConvBN",
                  "-o", str(tmp_path / "o.pt"), "--json"]) == 2
     err = json.loads(capsys.readouterr().out)["error"]
     assert err["code"] == "recipe_invalid" and needle in err["message"]
@@ -113,12 +114,12 @@ def test_huge_and_deep_recipes(tmp_path, capsys, state_dict):
     huge.write_text("version: 1\nrules:\n  - match: {family: batchnorm}\n    replace: group_norm\n"
                     + "# padding\n" * 200_000)
     out = tmp_path / "o.pt"
-    assert_refused(capsys, ["apply", str(huge), str(state_dict), "--arch", "conftest:ConvBN", "-o", str(out)],
+    assert_refused(capsys, ["apply", str(huge), str(state_dict), "--arch", "models:ConvBN", "-o", str(out)],
                    "recipes are limited to 1048576 bytes", str(huge), [huge, state_dict], out)
     deep = tmp_path / "deep.yaml"
     deep.write_text("version: 1\ndescription: " + "[" * 60 + "]" * 60 + "\nrules:\n  - match: {family: batchnorm}\n"
                     "    replace: group_norm\n")
-    assert_refused(capsys, ["apply", str(deep), str(state_dict), "--arch", "conftest:ConvBN", "-o", str(out)],
+    assert_refused(capsys, ["apply", str(deep), str(state_dict), "--arch", "models:ConvBN", "-o", str(out)],
                    "too deeply nested", f"{deep}:2", [deep, state_dict], out)
 
 
@@ -153,19 +154,19 @@ def _model_cases(tmp_path: Path, state_dict: Path) -> dict:
     ckpt = tmp_path / "ckpt.pth"
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, ckpt)
     return {
-        "truncated .pt": ([str(truncated), "--arch", "conftest:ConvBN"], "file may be truncated", str(truncated)),
-        "state dict for another architecture": ([str(wrong), "--arch", "conftest:ConvBN"],
-                                                "does not fit conftest:ConvBN", str(wrong)),
-        "non-model pickle": ([str(not_model), "--arch", "conftest:ConvBN"], "holds a list, not a model", str(not_model)),
+        "truncated .pt": ([str(truncated), "--arch", "models:ConvBN"], "file may be truncated", str(truncated)),
+        "state dict for another architecture": ([str(wrong), "--arch", "models:ConvBN"],
+                                                "does not fit models:ConvBN", str(wrong)),
+        "non-model pickle": ([str(not_model), "--arch", "models:ConvBN"], "holds a list, not a model", str(not_model)),
         "pickled module without --trust-pickle": ([str(pickled)], "pass --trust-pickle", str(pickled)),
-        "arbitrary pickled objects": ([str(plain_pickle), "--arch", "conftest:ConvBN"],
+        "arbitrary pickled objects": ([str(plain_pickle), "--arch", "models:ConvBN"],
                                       "holds pickled Python objects", str(plain_pickle)),
         "unknown timm name": (["timm:resnet5O"], "unknown timm model 'resnet5O'", "timm:resnet5O"),
         "a directory": ([str(folder)], "is a directory, not a model file", str(folder)),
-        "a text file": ([str(text), "--arch", "conftest:ConvBN"], "not a PyTorch checkpoint", str(text)),
-        "an empty file": ([str(empty), "--arch", "conftest:ConvBN"], "cannot read", str(empty)),
+        "a text file": ([str(text), "--arch", "models:ConvBN"], "not a PyTorch checkpoint", str(text)),
+        "an empty file": ([str(empty), "--arch", "models:ConvBN"], "cannot read", str(empty)),
         "a TorchScript archive": ([str(scripted)], "is a TorchScript archive", str(scripted)),
-        "a checkpoint with no weights": ([str(ckpt), "--arch", "conftest:ConvBN"], "state dict", str(ckpt)),
+        "a checkpoint with no weights": ([str(ckpt), "--arch", "models:ConvBN"], "state dict", str(ckpt)),
         "a missing file": ([str(tmp_path / "nope.pt")], "does not exist", "nope.pt"),
     }
 
@@ -186,7 +187,7 @@ def test_unreadable_model_file(tmp_path, capsys, state_dict, monkeypatch):
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(state_dict) else real(p, mode))
     out = tmp_path / "o.pt"
-    assert_refused(capsys, ["apply", "bn_to_gn", str(state_dict), "--arch", "conftest:ConvBN", "-o", str(out)],
+    assert_refused(capsys, ["apply", "bn_to_gn", str(state_dict), "--arch", "models:ConvBN", "-o", str(out)],
                    "permission denied", str(state_dict), [state_dict], out)
 
 

@@ -7,14 +7,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import ConvBN
-from test_fold import INTO_NEXT, PATTERNS, prepared
 
 import normswap
 from normswap import engine
 from normswap.verify.check import check
 from normswap.errors import NormswapError
 from normswap.testing import randomize_bn
+
+from models import INTO_NEXT, PATTERNS, ConvBN, branches, prepared
 
 SHAPE = (2, 3, 16, 16)
 
@@ -272,8 +272,6 @@ def test_apply_check_failure_carries_the_first_divergence(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["resnet50", "efficientnet_b0", "concat"])
 def test_inspect_and_fold_agree(arch):
-    from test_golden import branches
-
     from normswap.inspection import inspect_model
 
     if arch == "concat":

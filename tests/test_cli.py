@@ -15,7 +15,7 @@ from normswap.cli import main
 from normswap.families import family_of
 from normswap.testing import randomize_bn
 
-from conftest import ConvBN
+from models import ConvBN
 
 SMALL = ["--input-size", "1,3,64,64"]
 
@@ -107,7 +107,7 @@ def test_check_command(tmp_path, capsys):
     torch.save(a.state_dict(), pa)
     a.bn2.running_mean += 1
     torch.save(a.state_dict(), pb)
-    args = ["--arch", "conftest:ConvBN", "--input-size", "2,3,16,16", "--json"]
+    args = ["--arch", "models:ConvBN", "--input-size", "2,3,16,16", "--json"]
     assert main(["check", str(pa), str(pa), *args]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
     assert main(["check", str(pa), str(pb), *args]) == 1
@@ -128,13 +128,13 @@ def test_check_plot_inputs_file_and_layers(tmp_path, capsys):
     inputs = tmp_path / "x.pt"
     torch.save([torch.randn(3, 3, 16, 16), torch.randn(1, 3, 16, 16)], inputs)
     png = tmp_path / "layers.png"
-    code = main(["check", str(pa), str(pb), "--arch", "conftest:ConvBN", "--inputs", str(inputs), "--plot", str(png)])
+    code = main(["check", str(pa), str(pb), "--arch", "models:ConvBN", "--inputs", str(inputs), "--plot", str(png)])
     out = capsys.readouterr().out
     assert code == 1 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "inputs           (3, 3, 16, 16), (1, 3, 16, 16)" in out
     assert "first divergence bn2 (BatchNorm2d)" in out and f"note: wrote {png}" in out
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
-    assert main(["check", str(pa), str(pa), "--arch", "conftest:ConvBN", "--input-size", "2,3,16,16",
+    assert main(["check", str(pa), str(pa), "--arch", "models:ConvBN", "--input-size", "2,3,16,16",
                  "--layers", "--n-inputs", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["inputs"]) == 3 and len(res["layers"]) == 8 and res["first_divergence"] is None
@@ -153,7 +153,7 @@ def test_check_bad_arguments_exit_2(tmp_path, capsys, argv, needle):
     torch.save(ConvBN().state_dict(), pa)
     torch.save("not a tensor", tmp_path / "text.pt")
     argv = [a.format(d=tmp_path) for a in argv]
-    assert main(["check", str(pa), str(pa), "--arch", "conftest:ConvBN", "--input-size", "2,3,16,16", *argv]) == 2
+    assert main(["check", str(pa), str(pa), "--arch", "models:ConvBN", "--input-size", "2,3,16,16", *argv]) == 2
     err = capsys.readouterr().err
     assert needle.format(d=tmp_path) in err and "Traceback" not in err
     assert not (tmp_path / "p.png").exists()
@@ -193,7 +193,7 @@ def test_bad_input_exit_2(tmp_path, sd_file, capsys, case):
     make, extra, needle, where = BAD_CASES[case]
     out = tmp_path / "out.safetensors"
     before = sd_file.read_bytes()
-    code = main(["apply", make(tmp_path), str(sd_file), "--arch", "conftest:ConvBN", "-o", str(out), *(extra or [])])
+    code = main(["apply", make(tmp_path), str(sd_file), "--arch", "models:ConvBN", "-o", str(out), *(extra or [])])
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err and where in err, err
@@ -211,7 +211,7 @@ def test_bad_model_inputs(tmp_path, sd_file, capsys):
     assert main(["apply", "bn_to_gn", str(whole), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--trust-pickle" in err and "Traceback" not in err
-    assert main(["apply", "bn_to_gn", str(sd_file), "--arch", "conftest:ConvBN", "-o", str(sd_file)]) == 2
+    assert main(["apply", "bn_to_gn", str(sd_file), "--arch", "models:ConvBN", "-o", str(sd_file)]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
     assert not out.exists()
     assert main(["apply", "bn_to_gn", str(whole), "--trust-pickle", "-o", str(out), "--input-size", "2,3,16,16"]) == 0
@@ -248,7 +248,7 @@ def trained_sd(tmp_path):
     return m, p
 
 
-FOLD = ["--arch", "conftest:ConvBN", "--input-size", "2,3,16,16"]
+FOLD = ["--arch", "models:ConvBN", "--input-size", "2,3,16,16"]
 
 
 def test_fold_to_onnx_runs_in_onnxruntime(tmp_path, trained_sd, capsys):
@@ -337,16 +337,16 @@ def test_fold_bad_arguments_exit_2(tmp_path, trained_sd, capsys, argv, needle):
 
 
 def test_inspect_says_what_folds(capsys):
-    assert main(["inspect", "conftest:ConvBN", "--input-size", "2,3,16,16", "--json"]) == 0
+    assert main(["inspect", "models:ConvBN", "--input-size", "2,3,16,16", "--json"]) == 0
     rows = {r["path"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
     assert rows["bn1"]["fold_into"] == ["conv1"] and rows["bn1"]["foldable"] is True
     assert rows["bn1"]["mode"] == "train"  # built from a spec; the column answers for eval mode, as fold sets it
-    assert main(["inspect", "conftest:ConvBN", "--input-size", "2,3,16,16"]) == 0
+    assert main(["inspect", "models:ConvBN", "--input-size", "2,3,16,16"]) == 0
     text = capsys.readouterr().out
     assert "fold_bn would fold 2 of 2" in text and "assumes eval mode" in text
 
 
 def test_inspect_gives_the_reason_a_bn_cannot_fold(capsys):
-    assert main(["inspect", "tests.test_fold:SharedBN", "--input-size", "2,4,6,6", "--json"]) == 0
+    assert main(["inspect", "models:SharedBN", "--input-size", "2,4,6,6", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["layers"][0]
     assert row["foldable"] is False and "called 2 times" in row["fold_reason"]

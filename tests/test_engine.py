@@ -1,6 +1,4 @@
 """Plan/apply semantics: nothing touched by plan, all-or-nothing apply, aliases, modes, group policy."""
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -172,7 +170,6 @@ def test_hooks_on_replaced_layer_are_reported(convbn):
 def test_commit_failure_leaves_model_untouched(convbn, monkeypatch):
     """A failure while building any replacement leaves the caller's model as it was, inplace too."""
     import normswap.catalog.norm_swaps as R
-    from normswap import registry
 
     calls = {"n": 0}
     real = R.carry.carry_affine

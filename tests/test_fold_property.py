@@ -2,10 +2,8 @@
 multi-user outputs): folding never changes the output, and no recipe raises anything but NormswapError.
 
 ``NORMSWAP_FUZZ_EXAMPLES=5000`` runs the long version (docs/ARCHITECTURE.md has the figures)."""
-import copy
 import os
 
-import pytest
 import torch
 import torch.nn as nn
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -11,8 +11,8 @@ from normswap.families import family_of
 from normswap.graph import record, users_of
 from normswap.testing import randomize_bn
 
-from zoo import ZOO
-from test_zoo import bn_layers
+from models import bn_layers
+from zoo import ZOO, params
 
 
 def foldable_left(model, x):
@@ -30,10 +30,11 @@ def foldable_left(model, x):
 
 
 # folding-specific families beyond the shared zoo: CondConv2d mixes expert kernels per sample
+# (slow only: the CondConv patterns in test_fold.py cover it in the default suite)
 FOLD_ONLY = {"efficientnet_cc_b0_4e": 64}
 
 
-@pytest.mark.parametrize("name", list(ZOO) + list(FOLD_ONLY))
+@pytest.mark.parametrize("name", params([*ZOO, *FOLD_ONLY]))
 def test_fold_timm(name):
     side = {**ZOO, **FOLD_ONLY}[name]
     torch.manual_seed(0)

@@ -1,58 +1,24 @@
-"""Golden text: the human-readable reports of `normswap check` and `normswap inspect`, character for character.
+"""Golden text: the human-readable reports of `normswap check`, `inspect`, `apply` and `fold`, character for character.
 
 The models are float64 (and the figures three significant digits), so the text
-does not depend on the machine's float32 kernels. After an intended format
-change, regenerate with ``NORMSWAP_UPDATE_GOLDEN=1 pytest tests/test_golden.py``
-and review the diff.
+does not depend on the machine's float32 kernels. apply and fold run in a
+temporary folder with relative paths, and the float64 rounding figures of the
+fold's check are masked. After an intended format change, regenerate with
+``NORMSWAP_UPDATE_GOLDEN=1 pytest tests/test_golden.py`` and review the diff.
 """
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-from conftest import ConvBN
-from timm.layers.norm_act import BatchNormAct2d
 
 from normswap.cli import main
 from normswap.testing import randomize_bn
 
+from models import convbn64
+
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def convbn64():
-    """The spec the CLI builds: ConvBN in float64 (state dicts loaded into it stay float64)."""
-    return ConvBN().double()
-
-
-class Branches(nn.Module):
-    """Every kind of inspect row: folds, a concat split, a shared producer, BN-act, no running stats, GN."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.stem_bn = BatchNormAct2d(8)
-        self.a = nn.Conv2d(8, 4, 1)
-        self.b = nn.Conv2d(8, 4, 3, padding=1)
-        self.cat_bn = nn.BatchNorm2d(8)
-        self.shared = nn.Conv2d(8, 8, 1)
-        self.shared_bn = nn.BatchNorm2d(8)
-        self.batch_stats = nn.BatchNorm2d(8, track_running_stats=False)
-        self.gn = nn.GroupNorm(2, 8)
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        x = self.stem_bn(self.stem(x))
-        x = self.cat_bn(torch.cat([self.a(x), self.b(x)], dim=1))
-        y = self.shared(x)
-        x = self.shared_bn(y) + y
-        x = self.gn(self.batch_stats(x))
-        return self.head(x.mean((2, 3)))
-
-
-def branches():
-    torch.manual_seed(0)
-    return randomize_bn(Branches(), (2, 3, 8, 8)).eval()
 
 
 def golden(name: str, text: str) -> None:
@@ -81,27 +47,52 @@ def run(capsys, argv):
 
 def test_check_report_pass(capsys, state_dicts):
     a, _ = state_dicts
-    code, out = run(capsys, ["check", str(a), str(a), "--arch", "test_golden:convbn64", "--input-size", "2,3,16,16"])
+    code, out = run(capsys, ["check", str(a), str(a), "--arch", "models:convbn64", "--input-size", "2,3,16,16"])
     assert code == 0
     golden("check_pass.txt", out)
 
 
 def test_check_report_fail(capsys, state_dicts):
     a, b = state_dicts
-    code, out = run(capsys, ["check", str(a), str(b), "--arch", "test_golden:convbn64", "--input-size", "2,3,16,16"])
+    code, out = run(capsys, ["check", str(a), str(b), "--arch", "models:convbn64", "--input-size", "2,3,16,16"])
     assert code == 1
     golden("check_fail.txt", out)
 
 
 def test_check_report_interface(capsys, state_dicts):
     a, b = state_dicts
-    code, out = run(capsys, ["check", str(a), str(b), "--arch", "test_golden:convbn64", "--input-size", "2,3,16,16",
+    code, out = run(capsys, ["check", str(a), str(b), "--arch", "models:convbn64", "--input-size", "2,3,16,16",
                              "--mode", "interface"])
     assert code == 0
     golden("check_interface.txt", out)
 
 
 def test_inspect_report(capsys):
-    code, out = run(capsys, ["inspect", "test_golden:branches", "--input-size", "2,3,8,8"])
+    code, out = run(capsys, ["inspect", "models:branches", "--input-size", "2,3,8,8"])
     assert code == 0
     golden("inspect.txt", out)
+
+
+def rewrite(capsys, monkeypatch, tmp_path, state_dict, argv, output):
+    """Run apply/fold on the state dict from inside tmp_path: relative paths, so no machine path is printed."""
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, [*argv, state_dict.name, "--arch", "models:convbn64", "--input-size", "2,3,16,16",
+                             "-o", output])
+    assert code == 0, out
+    assert (tmp_path / output).is_file() and (tmp_path / f"{output}.json").is_file()
+    return out.replace(str(tmp_path), "<tmp>")
+
+
+def test_apply_report(capsys, monkeypatch, tmp_path, state_dicts):
+    a, _ = state_dicts
+    out = rewrite(capsys, monkeypatch, tmp_path, a, ["apply", "bn_to_gn"], "gn.safetensors")
+    golden("apply.txt", out)
+
+
+def test_fold_report(capsys, monkeypatch, tmp_path, state_dicts):
+    a, _ = state_dicts
+    out = rewrite(capsys, monkeypatch, tmp_path, a, ["fold"], "folded.safetensors")
+    # the float64 fold differs from the original by rounding only; its digits depend on the machine's kernels
+    figure = r"(?<=max (?:abs|rel) )[0-9.e+-]+"  # printed with .3g
+    assert [float(f) < 1e-14 for f in re.findall(figure, out)] == [True, True], out
+    golden("fold.txt", re.sub(figure, "<rounding>", out))

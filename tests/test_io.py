@@ -6,7 +6,7 @@ import torch.nn as nn
 from normswap.errors import ModelLoadError, OutputError, UnsafePickleError
 from normswap.model_io import Loaded, load_model, resolve_output
 
-from conftest import ConvBN
+from models import ConvBN
 
 
 def spec_sd(tmp_path, obj, name="sd.pth"):
@@ -106,7 +106,7 @@ def test_wrong_architecture(tmp_path, r18_sd):
 
 def test_specs():
     assert type(load_model("torchvision:resnet18").model).__name__ == "ResNet"
-    assert type(load_model("conftest:ConvBN").model).__name__ == "ConvBN"
+    assert type(load_model("models:ConvBN").model).__name__ == "ConvBN"
     with pytest.raises(ModelLoadError, match="did you mean resnet50"):
         load_model("timm:resnet5O")
     with pytest.raises(ModelLoadError, match="cannot import module"):

@@ -1,5 +1,4 @@
 """Recipes: validation with file:line, suggestions, params, the JSON Schema."""
-import json
 from importlib import resources
 
 import jsonschema

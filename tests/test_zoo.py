@@ -3,20 +3,31 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from timm.layers.norm_act import BatchNormAct2d
 
 import normswap
-from normswap.families import family_of
-from normswap.graph import record
+from normswap.graph import describe, record
 from normswap.testing import randomize_bn
 
-from zoo import ZOO
+from models import bn_layers
+from zoo import SAMPLE, ZOO, params
 
 
-def bn_layers(model):
-    return {n: m for n, m in model.named_modules() if family_of(m) in ("batchnorm", "frozen_batchnorm")}
+def test_sample_keeps_bn_act_and_concat():
+    """The default suite's share of the zoo still has timm's BatchNormAct2d and a BN fed by torch.cat."""
+    bn_act, concat = [], []
+    for name in SAMPLE:
+        side = ZOO[name]
+        model = timm.create_model(name, pretrained=False)
+        if any(isinstance(m, BatchNormAct2d) for m in model.modules()):
+            bn_act.append(name)
+        flow = record(model, torch.randn(1, 3, side, side))
+        if any(describe(flow.input_node(p)) == "torch.cat" for p in bn_layers(model) if p in flow.modules):
+            concat.append(name)
+    assert bn_act and concat, (bn_act, concat)
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", params(ZOO))
 def test_bn_to_gn_on_timm(name):
     side = ZOO[name]
     size = (2, 3, side, side)

@@ -1,4 +1,4 @@
-"""timm architectures the default suite sweeps: one or two per family, small inputs."""
+"""timm architectures the zoo tests sweep: one or two per family, small inputs."""
 
 # name -> input side (most take any multiple of 32; LeViT's attention biases fix 224)
 ZOO = {
@@ -25,3 +25,14 @@ ZOO = {
     "dpn48b": 64,
     "spnasnet_100": 64,
 }
+
+# The default suite runs every 4th model, spread over the families (densenet121 and dpn48b bring BNs fed by a
+# concat and timm's BatchNormAct2d; test_zoo.py checks the sample keeps both); `make test-all` runs the rest.
+SAMPLE = list(ZOO)[::4]
+
+
+def params(names):
+    """pytest params for ``names``: those in SAMPLE as they are, the others marked slow (each runs once under -m '')."""
+    import pytest
+
+    return [name if name in SAMPLE else pytest.param(name, marks=pytest.mark.slow) for name in names]
