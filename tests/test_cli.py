@@ -313,11 +313,11 @@ def test_apply_of_a_function_changing_recipe_under_a_numeric_check_says_what_to_
     recipe.write_text("version: 1\nname: my_gn\nrules:\n  - match: {family: batchnorm}\n    replace: group_norm\n"
                       "check: numeric\n")
     out = tmp_path / "gn.safetensors"
-    assert main(["apply", str(recipe), "conftest:ConvBN", "-o", str(out)]) == 1
+    assert main(["apply", str(recipe), "models:ConvBN", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("normswap: nothing was written:") and "--check interface" in err
     assert not out.exists()
-    assert main(["apply", str(recipe), "conftest:ConvBN", "-o", str(out), "--check", "interface"]) == 0
+    assert main(["apply", str(recipe), "models:ConvBN", "-o", str(out), "--check", "interface"]) == 0
     assert "check (interface): passed" in capsys.readouterr().out and out.exists()
 
 

@@ -167,7 +167,7 @@ def test_exports_have_a_dynamic_batch_verified_at_two_sizes(tmp_path, capsys):
     import onnxruntime as ort
 
     out = tmp_path / "m.onnx"
-    assert main(["fold", "conftest:ConvBN", "--input-size", "3,16,16", "-o", str(out)]) == 0
+    assert main(["fold", "models:ConvBN", "--input-size", "3,16,16", "-o", str(out)]) == 0
     assert "dynamic batch): matches PyTorch on 1x3x16x16, 3x3x16x16" in " ".join(capsys.readouterr().out.split())
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(5, 3, 16, 16).numpy()})[0].shape[0] == 5
