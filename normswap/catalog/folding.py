@@ -22,7 +22,7 @@ from .fold_math import (
     fold_input_channels,
     fold_output_channels,
 )
-from .norm_swaps import activation_or_identity
+from ..carry import activation_or_identity
 from .weight_norms import bake_in_place, legacy_hook_types, legacy_hooks
 
 # Operations that move elements around without changing them; a BN can be folded through them

@@ -6,9 +6,9 @@ import copy
 import torch.nn as nn
 
 from .. import carry
+from ..carry import activation_or_identity
 from ..families import activation_of, channels_of
 from ..match import glob_match
-from ..module_copy import deepcopy_module
 from ..registry import Built, Option, SkipLayer, register
 from .grouping import choose_num_groups, valid_group_counts
 
@@ -63,31 +63,8 @@ def group_norm(ctx) -> Built:
 
     eps = opts["eps"] if opts["eps"] is not None else float(getattr(old, "eps", 1e-5))
     affine = getattr(old, "weight", None) is not None
-    fk = carry.factory_kwargs(old)
-    act = activation_of(old)
-    if act is not None:
-        from timm.layers.norm_act import GroupNormAct
-
-        new = GroupNormAct(channels, groups, eps=eps, affine=affine, apply_act=False, **fk)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = nn.GroupNorm(groups, channels, eps=eps, affine=affine, **fk)
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
-
-
-def activation_or_identity(old: nn.Module) -> tuple[nn.Module, list[str]]:
-    """What is left of a norm layer once its normalization is gone: the activation it carried, or Identity."""
-    act = activation_of(old)
-    if act is None:
-        return nn.Identity(), []
-    parts = [deepcopy_module(m) for m in act if not isinstance(m, nn.Identity)]
-    if not parts:
-        return nn.Identity(), []
-    new = nn.Sequential(*parts) if len(parts) > 1 else parts[0]
-    new.train(old.training)
-    return new, [f"kept activation {type(act[1]).__name__}"]
+    new = nn.GroupNorm(groups, channels, eps=eps, affine=affine, **carry.factory_kwargs(old))
+    return _finish(ctx, carry.with_activation(old, new, notes, kind="groupnorm"), notes)
 
 
 @register(
@@ -141,30 +118,15 @@ def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
     return first
 
 
-def _carried_affine(ctx, new: nn.Module) -> dict[str, str]:
-    """γ/β into ``new`` when the rule carries ``affine`` and the old layer has one."""
-    if "affine" in ctx.carry and getattr(ctx.module, "weight", None) is not None:
-        return carry.carry_affine(ctx.module, new)
-    return {}
+def _finish(ctx, new: nn.Module, notes: list[str]) -> Built:
+    """Carry what the rule's ``carry:`` asks into ``new`` (built fresh), match the train flag, report."""
+    carried = carry.carry_state(ctx.module, new, ctx.carry)
+    return Built(new, notes + carry.finish(ctx.module, new), carried)
 
 
 def _eps(ctx) -> float:
     eps = ctx.options.get("eps")
     return float(eps) if eps is not None else float(getattr(ctx.module, "eps", 1e-5))
-
-
-def _with_activation(ctx, new: nn.Module, notes: list[str]) -> nn.Module:
-    """Give ``new`` the old norm-act layer's activation (as a norm-act class); plain norms pass through."""
-    act = activation_of(ctx.module)
-    if act is None or all(isinstance(m, nn.Identity) for m in act):
-        return new
-    from ..layers.norm_act import act_class
-
-    paired = act_class(type(new))
-    new.__class__ = paired  # same state, plus the drop/act slots the mixin runs after the norm
-    new.drop, new.act = nn.Identity(), nn.Identity()
-    notes += carry.carry_activation(ctx.module, new)
-    return new
 
 
 @register(
@@ -195,12 +157,7 @@ def instance_norm(ctx) -> Built:
     notes: list[str] = []
     if opts["affine"] and not affine:
         notes.append("the old layer had no affine; the new one has none either")
-    new = _with_activation(ctx, new, notes)
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
-    if opts["track_running_stats"] and "running_stats" in ctx.carry:
-        carried.update(carry.carry_running_stats(old, new))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -218,35 +175,23 @@ def instance_norm(ctx) -> Built:
 )
 def layer_norm(ctx) -> Built:
     from timm.layers import LayerNorm2d
-    from timm.layers.norm_act import GroupNorm1Act, LayerNormAct2d
 
     old, opts = ctx.module, ctx.options
     shape = _input_shape(ctx)
     channels = channels_of(old)
     affine = getattr(old, "weight", None) is not None
     fk = carry.factory_kwargs(old)
-    has_act = activation_of(old) is not None
-    notes: list[str] = []
+    kind = None
     if len(shape) == 2:  # (N, C): over channels is all there is
         new = nn.LayerNorm(channels, eps=_eps(ctx), elementwise_affine=affine, **fk)
     elif opts["over"] == "chw":
-        if has_act:
-            new = GroupNorm1Act(channels, eps=_eps(ctx), affine=affine, apply_act=False, **fk)
-            notes += carry.carry_activation(old, new)
-        else:
-            new = nn.GroupNorm(1, channels, eps=_eps(ctx), affine=affine, **fk)
+        new, kind = nn.GroupNorm(1, channels, eps=_eps(ctx), affine=affine, **fk), "groupnorm1"
+    elif len(shape) != 4:
+        raise SkipLayer(f"channel-only LayerNorm2d takes 4-d input; this layer sees {shape}")
     else:
-        if len(shape) != 4:
-            raise SkipLayer(f"channel-only LayerNorm2d takes 4-d input; this layer sees {shape}")
-        if has_act:
-            new = LayerNormAct2d(channels, eps=_eps(ctx), affine=affine, apply_act=False)
-            notes += carry.carry_activation(old, new)
-        else:
-            new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine)
-        new.to(**fk)
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+        new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine).to(**fk)
+    notes: list[str] = []
+    return _finish(ctx, carry.with_activation(old, new, notes, kind=kind), notes)
 
 
 @register(
@@ -259,27 +204,15 @@ def layer_norm(ctx) -> Built:
     options=(),
 )
 def frozen_batch_norm(ctx) -> Built:
-    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+    from timm.layers.norm_act import FrozenBatchNorm2d
 
     old = ctx.module
     _require_rank(ctx, (4,), "FrozenBatchNorm2d")
     if getattr(old, "running_mean", None) is None:
         raise SkipLayer("it has no running statistics to freeze (track_running_stats=False)")
-    channels = channels_of(old)
+    new = FrozenBatchNorm2d(channels_of(old), eps=float(old.eps)).to(**carry.factory_kwargs(old))
     notes: list[str] = []
-    if activation_of(old) is not None:
-        new = FrozenBatchNormAct2d(channels, eps=float(old.eps), apply_act=False)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = FrozenBatchNorm2d(channels, eps=float(old.eps))
-    new.to(**carry.factory_kwargs(old))
-    carried = {}
-    if getattr(old, "weight", None) is not None:
-        carried.update(carry.carry_affine(old, new))
-    carried.update(carry.carry_tensors(old, new, {"running_mean": "running_mean", "running_var": "running_var"},
-                                       "running statistics"))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -291,26 +224,13 @@ def frozen_batch_norm(ctx) -> Built:
     options=(),
 )
 def sync_batch_norm(ctx) -> Built:
-    from timm.layers.norm_act import SyncBatchNormAct
-
     old = ctx.module
-    channels = channels_of(old)
-    kwargs = dict(eps=float(old.eps), momentum=old.momentum, affine=getattr(old, "weight", None) is not None,
-                  track_running_stats=getattr(old, "running_mean", None) is not None)
-    notes: list[str] = []
-    if activation_of(old) is not None:
-        new = SyncBatchNormAct(channels, **kwargs)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = nn.SyncBatchNorm(channels, **kwargs)
+    new = nn.SyncBatchNorm(channels_of(old), eps=float(old.eps), momentum=old.momentum,
+                           affine=getattr(old, "weight", None) is not None,
+                           track_running_stats=getattr(old, "running_mean", None) is not None)
     new.to(**carry.factory_kwargs(old))
-    carried = {}
-    if "affine" in ctx.carry:
-        carried.update(carry.carry_affine(old, new))
-    if "running_stats" in ctx.carry:
-        carried.update(carry.carry_running_stats(old, new))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    notes: list[str] = []
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -343,9 +263,7 @@ def evonorm(ctx) -> Built:
         new = EvoNorm2dB0(channels, apply_act=apply_act, eps=float(old.eps), **fk)
     if apply_act:
         notes.append(f"EvoNorm's own nonlinearity replaces {type(activation_of(old)[1]).__name__}")
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, new, notes)
 
 
 @register(
@@ -379,9 +297,7 @@ def filter_response_norm(ctx) -> Built:
         new = FilterResponseNormAct2d(channels, apply_act=True, eps=opts["eps"], **fk)
         new.act = copy.deepcopy(act_mod)
         notes.append(f"kept act {type(act_mod).__name__}")
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, new, notes)
 
 
 @register(
@@ -442,15 +358,11 @@ def batch_renorm(ctx) -> Built:
     dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(len(shape))
     if dim is None:
         raise SkipLayer(f"Batch Renorm takes 2- to 5-d input; this layer sees {shape}")
-    new = _BatchRenorm.from_bn(old, rmax=ctx.options["rmax"], dmax=ctx.options["dmax"], dim=dim)
+    new = _BatchRenorm.like(old, rmax=ctx.options["rmax"], dmax=ctx.options["dmax"], dim=dim)
     notes: list[str] = []
     if getattr(old, "momentum", 0.1) is None:
         notes.append("the BN used a cumulative average (momentum=None); Batch Renorm uses momentum 0.1")
-    new = _with_activation(ctx, new, notes)
-    carried = {n: n for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-               if getattr(old, n, None) is not None}
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -476,11 +388,12 @@ def ibn(ctx) -> Built:
     if not 0 < k < channels:
         ctx.fail(f"ratio {ratio} leaves {k} of {channels} channels for InstanceNorm; both halves must be non-empty",
                  fix="choose a ratio strictly between 1/C and 1 (IBN-Net uses 0.5)")
-    new = IBN.from_bn(old, ratio=ratio)
-    notes = [f"channels [:{k}] InstanceNorm (γ/β carried), [{k}:] BatchNorm (γ/β and statistics carried)"]
-    new = _with_activation(ctx, new, notes)
-    notes += carry.finish(old, new)
-    return Built(new, notes, {})  # split tensors: no one-to-one parameter map
+    new = IBN.like(old, ratio=ratio)
+    affine, stats = "affine" in ctx.carry, "running_stats" in ctx.carry
+    bn_part = " and ".join(["γ/β"] * affine + ["statistics"] * stats)
+    notes = [(f"channels [:{k}] InstanceNorm ({'γ/β carried' if affine else 'fresh'}), "
+              f"[{k}:] BatchNorm ({bn_part + ' carried' if bn_part else 'fresh'})")]
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 def _conditional(ctx, cls_name: str, what: str) -> Built:
@@ -493,13 +406,11 @@ def _conditional(ctx, cls_name: str, what: str) -> Built:
         _require_spatial(ctx, "conditional InstanceNorm")
     else:
         _needs_running_stats(old, cls_name)
-    new = cls.from_bn(old, n)
-    notes = [f"{n} {what}: every row of the γ/β tables starts as the BN's γ/β; set the condition with "
-             "normswap.layers.conditioned(model, y)"]
-    new = _with_activation(ctx, new, notes)
-    carried = {"running_mean": "running_mean", "running_var": "running_var"} if cls_name == "ConditionalBatchNorm2d" else {}
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    new = cls.like(old, n)
+    start = "the BN's γ/β" if "affine" in ctx.carry else "γ = 1, β = 0"
+    notes = [(f"{n} {what}: every row of the γ/β tables starts as {start}; set the condition with "
+              "normswap.layers.conditioned(model, y)")]
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
