@@ -303,7 +303,7 @@ def filter_response_norm(ctx) -> Built:
 @register(
     "weight_standardized_conv",
     families=("conv",),
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Conv2d -> timm's StdConv2d (weight standardization, Qiao et al. 2019), the partner of GroupNorm "
         "at small batch. Weights carried; the function changes (the weight is standardized in forward).",
     options=(
