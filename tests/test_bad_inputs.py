@@ -60,6 +60,8 @@ RECIPES = {
     "38_duplicate_key": ("duplicate key 'replace'", 5),
     "39_null_param_unset": ("parameter 'styles' has no default and must be set: --set styles=", 4),
     "40_binary_garbage": ("not UTF-8 text", None),
+    "41_carry_on_fixed_replacement": ("fold does not take 'carry', not even 'none': what it keeps is fixed; "
+                                      "remove the 'carry' key", 5),
 }
 
 

@@ -14,6 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..carry import activation_or_identity
 from ..factory import Built, LayerContext, NeighbourEdit, SkipLayer
 from ..families import built_class, family_of
 from ..fold_map import FoldLink
@@ -25,7 +26,6 @@ from ..fold_math import (
 )
 from ..graph import DataFlow, _short, describe, users_of
 from ..registry import Option, register
-from .norm_swaps import activation_or_identity
 from .weight_norms import bake_in_place, legacy_hook_types, legacy_hooks
 
 # Operations that move elements around without changing them; a BN can be folded through them

@@ -6,10 +6,10 @@ import copy
 import torch.nn as nn
 
 from .. import carry
-from ..factory import Built, SkipLayer
+from ..carry import activation_or_identity
+from ..factory import Built, LayerContext, SkipLayer
 from ..families import activation_of, channels_of
 from ..match import glob_match
-from ..module_copy import deepcopy_module
 from ..registry import Option, register
 from .grouping import choose_num_groups, valid_group_counts
 
@@ -29,7 +29,7 @@ _BN_LIKE = ("batchnorm", "frozen_batchnorm")
         Option("eps", float, None, "epsilon; default: the old layer's", nullable=True, minimum=0.0),
     ),
 )
-def group_norm(ctx) -> Built:
+def group_norm(ctx: LayerContext) -> Built:
     old = ctx.module
     opts = ctx.options
     channels = channels_of(old)
@@ -64,31 +64,8 @@ def group_norm(ctx) -> Built:
 
     eps = opts["eps"] if opts["eps"] is not None else float(getattr(old, "eps", 1e-5))
     affine = getattr(old, "weight", None) is not None
-    fk = carry.factory_kwargs(old)
-    act = activation_of(old)
-    if act is not None:
-        from timm.layers.norm_act import GroupNormAct
-
-        new = GroupNormAct(channels, groups, eps=eps, affine=affine, apply_act=False, **fk)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = nn.GroupNorm(groups, channels, eps=eps, affine=affine, **fk)
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
-
-
-def activation_or_identity(old: nn.Module) -> tuple[nn.Module, list[str]]:
-    """What is left of a norm layer once its normalization is gone: the activation it carried, or Identity."""
-    act = activation_of(old)
-    if act is None:
-        return nn.Identity(), []
-    parts = [deepcopy_module(m) for m in act if not isinstance(m, nn.Identity)]
-    if not parts:
-        return nn.Identity(), []
-    new = nn.Sequential(*parts) if len(parts) > 1 else parts[0]
-    new.train(old.training)
-    return new, [f"kept activation {type(act[1]).__name__}"]
+    new = nn.GroupNorm(groups, channels, eps=eps, affine=affine, **carry.factory_kwargs(old))
+    return _finish(ctx, carry.with_activation(old, new, notes, kind="groupnorm"), notes)
 
 
 @register(
@@ -97,7 +74,7 @@ def activation_or_identity(old: nn.Module) -> tuple[nn.Module, list[str]]:
     carries=(),
     doc="Remove the layer: nn.Identity, or the activation a timm norm-act layer carried.",
 )
-def identity(ctx) -> Built:
+def identity(ctx: LayerContext) -> Built:
     new, notes = activation_or_identity(ctx.module)
     notes = ["parameters and buffers dropped"] + notes + carry.finish(ctx.module, new)
     return Built(new, notes, {})
@@ -106,7 +83,7 @@ def identity(ctx) -> Built:
 # ------------------------------------------------------------------ the activation-norm catalog
 
 
-def _input_shape(ctx) -> tuple[int, ...]:
+def _input_shape(ctx: LayerContext) -> tuple[int, ...]:
     """The layer's input shape in the recorded forward; skips a layer the forward never reached."""
     shape = ctx.input_shape()
     if shape is None:
@@ -114,7 +91,7 @@ def _input_shape(ctx) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _require_spatial(ctx, target: str) -> tuple[int, ...]:
+def _require_spatial(ctx: LayerContext, target: str) -> tuple[int, ...]:
     """Per-sample norms need several values per channel; (N, C) and 1x1 maps have one (at any of its calls)."""
     first = _input_shape(ctx)
     calls = ctx.input_shapes() or [first]
@@ -133,7 +110,7 @@ def _require_spatial(ctx, target: str) -> tuple[int, ...]:
     return first
 
 
-def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
+def _require_rank(ctx: LayerContext, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
     first = _input_shape(ctx)
     for shape in ctx.input_shapes() or [first]:
         if len(shape) not in ranks:
@@ -142,30 +119,15 @@ def _require_rank(ctx, ranks: tuple[int, ...], target: str) -> tuple[int, ...]:
     return first
 
 
-def _carried_affine(ctx, new: nn.Module) -> dict[str, str]:
-    """γ/β into ``new`` when the rule carries ``affine`` and the old layer has one."""
-    if "affine" in ctx.carry and getattr(ctx.module, "weight", None) is not None:
-        return carry.carry_affine(ctx.module, new)
-    return {}
+def _finish(ctx: LayerContext, new: nn.Module, notes: list[str]) -> Built:
+    """Carry what the rule's ``carry:`` asks into ``new`` (built fresh), match the train flag, report."""
+    carried = carry.carry_state(ctx.module, new, ctx.carry)
+    return Built(new, notes + carry.finish(ctx.module, new), carried)
 
 
-def _eps(ctx) -> float:
+def _eps(ctx: LayerContext) -> float:
     eps = ctx.options.get("eps")
     return float(eps) if eps is not None else float(getattr(ctx.module, "eps", 1e-5))
-
-
-def _with_activation(ctx, new: nn.Module, notes: list[str]) -> nn.Module:
-    """Give ``new`` the old norm-act layer's activation (as a norm-act class); plain norms pass through."""
-    act = activation_of(ctx.module)
-    if act is None or all(isinstance(m, nn.Identity) for m in act):
-        return new
-    from ..layers.norm_act import act_class
-
-    paired = act_class(type(new))
-    new.__class__ = paired  # same state, plus the drop/act slots the mixin runs after the norm
-    new.drop, new.act = nn.Identity(), nn.Identity()
-    notes += carry.carry_activation(ctx.module, new)
-    return new
 
 
 @register(
@@ -182,7 +144,7 @@ def _with_activation(ctx, new: nn.Module, notes: list[str]) -> nn.Module:
         Option("eps", float, None, "epsilon; default: the old layer's", nullable=True, minimum=0.0),
     ),
 )
-def instance_norm(ctx) -> Built:
+def instance_norm(ctx: LayerContext) -> Built:
     old, opts = ctx.module, ctx.options
     shape = _require_spatial(ctx, "InstanceNorm")
     cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(len(shape))
@@ -196,12 +158,7 @@ def instance_norm(ctx) -> Built:
     notes: list[str] = []
     if opts["affine"] and not affine:
         notes.append("the old layer had no affine; the new one has none either")
-    new = _with_activation(ctx, new, notes)
-    carried = carry.carry_affine(old, new) if "affine" in ctx.carry and affine else {}
-    if opts["track_running_stats"] and "running_stats" in ctx.carry:
-        carried.update(carry.carry_running_stats(old, new))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -217,37 +174,25 @@ def instance_norm(ctx) -> Built:
         Option("eps", float, None, "epsilon; default: the old layer's", nullable=True, minimum=0.0),
     ),
 )
-def layer_norm(ctx) -> Built:
+def layer_norm(ctx: LayerContext) -> Built:
     from timm.layers import LayerNorm2d
-    from timm.layers.norm_act import GroupNorm1Act, LayerNormAct2d
 
     old, opts = ctx.module, ctx.options
     shape = _input_shape(ctx)
     channels = channels_of(old)
     affine = getattr(old, "weight", None) is not None
     fk = carry.factory_kwargs(old)
-    has_act = activation_of(old) is not None
-    notes: list[str] = []
+    kind = None
     if len(shape) == 2:  # (N, C): over channels is all there is
         new = nn.LayerNorm(channels, eps=_eps(ctx), elementwise_affine=affine, **fk)
     elif opts["over"] == "chw":
-        if has_act:
-            new = GroupNorm1Act(channels, eps=_eps(ctx), affine=affine, apply_act=False, **fk)
-            notes += carry.carry_activation(old, new)
-        else:
-            new = nn.GroupNorm(1, channels, eps=_eps(ctx), affine=affine, **fk)
+        new, kind = nn.GroupNorm(1, channels, eps=_eps(ctx), affine=affine, **fk), "groupnorm1"
+    elif len(shape) != 4:
+        raise SkipLayer(f"channel-only LayerNorm2d takes 4-d input; this layer sees {shape}")
     else:
-        if len(shape) != 4:
-            raise SkipLayer(f"channel-only LayerNorm2d takes 4-d input; this layer sees {shape}")
-        if has_act:
-            new = LayerNormAct2d(channels, eps=_eps(ctx), affine=affine, apply_act=False)
-            notes += carry.carry_activation(old, new)
-        else:
-            new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine)
-        new.to(**fk)
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+        new = LayerNorm2d(channels, eps=_eps(ctx), affine=affine).to(**fk)
+    notes: list[str] = []
+    return _finish(ctx, carry.with_activation(old, new, notes, kind=kind), notes)
 
 
 @register(
@@ -259,28 +204,16 @@ def layer_norm(ctx) -> Built:
         "DP-SGD keeping a pretrained function). Same eval-mode output.",
     options=(),
 )
-def frozen_batch_norm(ctx) -> Built:
-    from timm.layers.norm_act import FrozenBatchNorm2d, FrozenBatchNormAct2d
+def frozen_batch_norm(ctx: LayerContext) -> Built:
+    from timm.layers.norm_act import FrozenBatchNorm2d
 
     old = ctx.module
     _require_rank(ctx, (4,), "FrozenBatchNorm2d")
     if getattr(old, "running_mean", None) is None:
         raise SkipLayer("it has no running statistics to freeze (track_running_stats=False)")
-    channels = channels_of(old)
+    new = FrozenBatchNorm2d(channels_of(old), eps=float(old.eps)).to(**carry.factory_kwargs(old))
     notes: list[str] = []
-    if activation_of(old) is not None:
-        new = FrozenBatchNormAct2d(channels, eps=float(old.eps), apply_act=False)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = FrozenBatchNorm2d(channels, eps=float(old.eps))
-    new.to(**carry.factory_kwargs(old))
-    carried = {}
-    if getattr(old, "weight", None) is not None:
-        carried.update(carry.carry_affine(old, new))
-    carried.update(carry.carry_tensors(old, new, {"running_mean": "running_mean", "running_var": "running_var"},
-                                       "running statistics"))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -291,27 +224,14 @@ def frozen_batch_norm(ctx) -> Built:
         "timm's BatchNormAct2d becomes SyncBatchNormAct with the same activation. Same eval-mode output.",
     options=(),
 )
-def sync_batch_norm(ctx) -> Built:
-    from timm.layers.norm_act import SyncBatchNormAct
-
+def sync_batch_norm(ctx: LayerContext) -> Built:
     old = ctx.module
-    channels = channels_of(old)
-    kwargs = dict(eps=float(old.eps), momentum=old.momentum, affine=getattr(old, "weight", None) is not None,
-                  track_running_stats=getattr(old, "running_mean", None) is not None)
-    notes: list[str] = []
-    if activation_of(old) is not None:
-        new = SyncBatchNormAct(channels, **kwargs)
-        notes += carry.carry_activation(old, new)
-    else:
-        new = nn.SyncBatchNorm(channels, **kwargs)
+    new = nn.SyncBatchNorm(channels_of(old), eps=float(old.eps), momentum=old.momentum,
+                           affine=getattr(old, "weight", None) is not None,
+                           track_running_stats=getattr(old, "running_mean", None) is not None)
     new.to(**carry.factory_kwargs(old))
-    carried = {}
-    if "affine" in ctx.carry:
-        carried.update(carry.carry_affine(old, new))
-    if "running_stats" in ctx.carry:
-        carried.update(carry.carry_running_stats(old, new))
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    notes: list[str] = []
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -327,7 +247,7 @@ def sync_batch_norm(ctx) -> Built:
         Option("min_group_size", int, 4, "fewest channels per S0 group", minimum=1),
     ),
 )
-def evonorm(ctx) -> Built:
+def evonorm(ctx: LayerContext) -> Built:
     from timm.layers import EvoNorm2dB0, EvoNorm2dS0
 
     old, opts = ctx.module, ctx.options
@@ -344,9 +264,7 @@ def evonorm(ctx) -> Built:
         new = EvoNorm2dB0(channels, apply_act=apply_act, eps=float(old.eps), **fk)
     if apply_act:
         notes.append(f"EvoNorm's own nonlinearity replaces {type(activation_of(old)[1]).__name__}")
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, new, notes)
 
 
 @register(
@@ -360,7 +278,7 @@ def evonorm(ctx) -> Built:
         Option("eps", float, 1e-6, "epsilon", minimum=0.0),
     ),
 )
-def filter_response_norm(ctx) -> Built:
+def filter_response_norm(ctx: LayerContext) -> Built:
     from timm.layers import FilterResponseNormAct2d, FilterResponseNormTlu2d
 
     old, opts = ctx.module, ctx.options
@@ -380,22 +298,20 @@ def filter_response_norm(ctx) -> Built:
         new = FilterResponseNormAct2d(channels, apply_act=True, eps=opts["eps"], **fk)
         new.act = copy.deepcopy(act_mod)
         notes.append(f"kept act {type(act_mod).__name__}")
-    carried = _carried_affine(ctx, new)
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, new, notes)
 
 
 @register(
     "weight_standardized_conv",
     families=("conv",),
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Conv2d -> timm's StdConv2d (weight standardization, Qiao et al. 2019), the partner of GroupNorm "
         "at small batch. Weights carried; the function changes (the weight is standardized in forward).",
     options=(
         Option("eps", float, 1e-6, "epsilon of the weight standardization", minimum=0.0),
     ),
 )
-def weight_standardized_conv(ctx) -> Built:
+def weight_standardized_conv(ctx: LayerContext) -> Built:
     from timm.layers import StdConv2d, StdConv2dSame
     from timm.layers.conv2d_same import Conv2dSame
 
@@ -434,7 +350,7 @@ def _needs_running_stats(old: nn.Module, target: str) -> None:
         Option("dmax", float, 5.0, "largest shift correction d (0 = plain BN)", minimum=0.0),
     ),
 )
-def batch_renorm(ctx) -> Built:
+def batch_renorm(ctx: LayerContext) -> Built:
     from ..layers.renorm import _BatchRenorm
 
     old = ctx.module
@@ -443,15 +359,11 @@ def batch_renorm(ctx) -> Built:
     dim = {2: 1, 3: 1, 4: 2, 5: 3}.get(len(shape))
     if dim is None:
         raise SkipLayer(f"Batch Renorm takes 2- to 5-d input; this layer sees {shape}")
-    new = _BatchRenorm.from_bn(old, rmax=ctx.options["rmax"], dmax=ctx.options["dmax"], dim=dim)
+    new = _BatchRenorm.like(old, rmax=ctx.options["rmax"], dmax=ctx.options["dmax"], dim=dim)
     notes: list[str] = []
     if getattr(old, "momentum", 0.1) is None:
         notes.append("the BN used a cumulative average (momentum=None); Batch Renorm uses momentum 0.1")
-    new = _with_activation(ctx, new, notes)
-    carried = {n: n for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-               if getattr(old, n, None) is not None}
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -465,7 +377,7 @@ def batch_renorm(ctx) -> Built:
         Option("ratio", float, 0.5, "fraction of channels given to InstanceNorm", minimum=0.0),
     ),
 )
-def ibn(ctx) -> Built:
+def ibn(ctx: LayerContext) -> Built:
     from ..layers.ibn import IBN
 
     old, ratio = ctx.module, ctx.options["ratio"]
@@ -477,14 +389,15 @@ def ibn(ctx) -> Built:
     if not 0 < k < channels:
         ctx.fail(f"ratio {ratio} leaves {k} of {channels} channels for InstanceNorm; both halves must be non-empty",
                  fix="choose a ratio strictly between 1/C and 1 (IBN-Net uses 0.5)")
-    new = IBN.from_bn(old, ratio=ratio)
-    notes = [f"channels [:{k}] InstanceNorm (γ/β carried), [{k}:] BatchNorm (γ/β and statistics carried)"]
-    new = _with_activation(ctx, new, notes)
-    notes += carry.finish(old, new)
-    return Built(new, notes, {})  # split tensors: no one-to-one parameter map
+    new = IBN.like(old, ratio=ratio)
+    affine, stats = "affine" in ctx.carry, "running_stats" in ctx.carry
+    bn_part = " and ".join(["γ/β"] * affine + ["statistics"] * stats)
+    notes = [(f"channels [:{k}] InstanceNorm ({'γ/β carried' if affine else 'fresh'}), "
+              f"[{k}:] BatchNorm ({bn_part + ' carried' if bn_part else 'fresh'})")]
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
-def _conditional(ctx, cls_name: str, what: str) -> Built:
+def _conditional(ctx: LayerContext, cls_name: str, what: str) -> Built:
     from ..layers import conditional
 
     cls = getattr(conditional, cls_name)
@@ -494,13 +407,11 @@ def _conditional(ctx, cls_name: str, what: str) -> Built:
         _require_spatial(ctx, "conditional InstanceNorm")
     else:
         _needs_running_stats(old, cls_name)
-    new = cls.from_bn(old, n)
-    notes = [f"{n} {what}: every row of the γ/β tables starts as the BN's γ/β; set the condition with "
-             "normswap.layers.conditioned(model, y)"]
-    new = _with_activation(ctx, new, notes)
-    carried = {"running_mean": "running_mean", "running_var": "running_var"} if cls_name == "ConditionalBatchNorm2d" else {}
-    notes += carry.finish(old, new)
-    return Built(new, notes, carried)
+    new = cls.like(old, n)
+    start = "the BN's γ/β" if "affine" in ctx.carry else "γ = 1, β = 0"
+    notes = [(f"{n} {what}: every row of the γ/β tables starts as {start}; set the condition with "
+              "normswap.layers.conditioned(model, y)")]
+    return _finish(ctx, carry.with_activation(old, new, notes), notes)
 
 
 @register(
@@ -512,7 +423,7 @@ def _conditional(ctx, cls_name: str, what: str) -> Built:
         "networks. Each style's γ/β starts as the BN's.",
     options=(Option("num_conditions", int, None, "number of styles", minimum=1),),
 )
-def conditional_instance_norm(ctx) -> Built:
+def conditional_instance_norm(ctx: LayerContext) -> Built:
     return _conditional(ctx, "ConditionalInstanceNorm2d", "styles")
 
 
@@ -525,5 +436,5 @@ def conditional_instance_norm(ctx) -> Built:
         "Each class's γ/β starts as the BN's; statistics carried.",
     options=(Option("num_conditions", int, None, "number of classes", minimum=1),),
 )
-def conditional_batch_norm(ctx) -> Built:
+def conditional_batch_norm(ctx: LayerContext) -> Built:
     return _conditional(ctx, "ConditionalBatchNorm2d", "classes")

@@ -63,7 +63,7 @@ def _private_copy(ctx, what: str) -> nn.Module:
     "spectral_norm",
     families=("conv", "linear"),
     note=EMA_NOTE,
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Spectral normalization (Miyato et al. 2018): the weight divided by its largest singular value, "
         "estimated by power iteration in train mode (torch.nn.utils.parametrizations.spectral_norm; the "
         "output dimension first, dimension 1 for transposed convs). Makes the layer 1-Lipschitz.",
@@ -86,7 +86,7 @@ def spectral_norm(ctx: LayerContext) -> Built:
 @register(
     "weight_norm",
     families=("conv", "linear"),
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Weight normalization (Salimans & Kingma 2016): w = g · v/‖v‖ per output channel "
         "(torch.nn.utils.parametrizations.weight_norm; dim 1 for transposed convs). The output is "
         "unchanged at application: g starts as ‖w‖.",
@@ -106,7 +106,7 @@ def weight_norm(ctx: LayerContext) -> Built:
 @register(
     "cosine_norm",
     families=("conv", "linear"),
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Cosine normalization (Luo et al. 2018): the layer's dot product becomes scale · cos(w, x) over "
         "the input vector or receptive-field patch (normswap.layers.CosineLinear / CosineConv). The bias "
         "is dropped; the function changes.",
@@ -137,7 +137,7 @@ def cosine_norm(ctx: LayerContext) -> Built:
 @register(
     "bake",
     families=("conv", "linear"),
-    carries=("weights",),
+    carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Replace every parametrization of the layer (spectral/weight norm, ...) by its current eval-mode "
         "value: plain weights that pickle, export and fold.",
 )

@@ -1,10 +1,10 @@
 """A fixed per-channel affine: what an eval-mode BatchNorm computes, without the statistics."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
+
+from ._state import activation_module
 
 
 class ChannelAffine(nn.Module):
@@ -31,10 +31,9 @@ class ChannelAffine(nn.Module):
         with torch.no_grad():
             new.scale.copy_(s.to(ref.dtype))
             new.shift.copy_(t.to(ref.dtype))
-        act = getattr(bn, "act", None)
-        if isinstance(act, nn.Module):
-            drop = getattr(bn, "drop", nn.Identity())
-            new.act = copy.deepcopy(act) if isinstance(drop, nn.Identity) else nn.Sequential(copy.deepcopy(drop), copy.deepcopy(act))
+        act = activation_module(bn)  # what normswap.carry.activation_or_identity keeps
+        if act is not None:
+            new.act = act
         new.train(bn.training)
         return new
 

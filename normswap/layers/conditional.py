@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .renorm import _BN_DIMS, _copy_param, _factory, _require_bn
+from ._state import KINDS, RUNNING_STATS, bn_dim, copy_kinds, factory_kwargs, require_bn
 
 
 class _ConditionalNorm(nn.Module):
@@ -84,16 +84,21 @@ class _ConditionalNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_conditions={self.num_conditions}, eps={self.eps}"
 
-    def _carry_affine(self, bn: nn.Module) -> None:
-        """Every row of the tables <- bn's γ/β (ones/zeros stay if bn has no affine)."""
-        if bn.weight is not None:
-            _copy_param(self.weight, bn.weight.expand_as(self.weight))
-            _copy_param(self.bias, bn.bias.expand_as(self.bias))
+    def carry_names(self) -> dict[str, dict[str, str]]:
+        """Where a BN's state goes (``normswap.layers._state`` map syntax): γ/β into every row of the tables."""
+        return {"affine": {"weight": "weight[:]", "bias": "bias[:]"}, "running_stats": dict(RUNNING_STATS)}
+
+    @classmethod
+    def _from_bn(cls, bn: nn.Module, num_conditions: int, *, needs_stats: bool) -> _ConditionalNorm:
+        require_bn(bn, cls.__name__, needs_stats=needs_stats)
+        new = cls.like(bn, num_conditions)
+        copy_kinds(bn, new, KINDS)  # ones/zeros stay where bn has no affine
+        new.train(bn.training)
+        return new
 
 
 def _require_2d(bn: nn.Module, layer: str) -> None:
-    dim = next((d for bn_cls, d in _BN_DIMS if isinstance(bn, bn_cls)), None)
-    if dim not in (None, 2):
+    if bn_dim(bn) not in (None, 2):
         raise ValueError(f"{layer} is a 2d layer; cannot build it from a {type(bn).__name__}")
 
 
@@ -107,17 +112,19 @@ class ConditionalInstanceNorm2d(_ConditionalNorm):
         return F.instance_norm(x, eps=self.eps)
 
     @classmethod
+    def like(cls, bn: nn.Module, num_conditions: int) -> ConditionalInstanceNorm2d:
+        """A fresh layer of ``bn``'s size, eps, device and dtype; every condition's γ/β 1 / 0."""
+        require_bn(bn, cls.__name__, needs_stats=False)
+        _require_2d(bn, cls.__name__)
+        return cls(bn.num_features, num_conditions, eps=bn.eps, **factory_kwargs(bn))
+
+    @classmethod
     def from_bn(cls, bn: nn.Module, num_conditions: int) -> "ConditionalInstanceNorm2d":
         """Every condition starts with ``bn``'s γ/β and eps: InstanceNorm with the BN's affine.
 
         Running statistics are not used (instance statistics replace them).
         """
-        _require_bn(bn, cls.__name__, needs_stats=False)
-        _require_2d(bn, cls.__name__)
-        new = cls(bn.num_features, num_conditions, eps=bn.eps, **_factory(bn))
-        new._carry_affine(bn)
-        new.train(bn.training)
-        return new
+        return cls._from_bn(bn, num_conditions, needs_stats=False)
 
 
 class ConditionalBatchNorm2d(_ConditionalNorm):
@@ -145,18 +152,16 @@ class ConditionalBatchNorm2d(_ConditionalNorm):
         return super().extra_repr() + f", momentum={self.momentum}"
 
     @classmethod
+    def like(cls, bn: nn.Module, num_conditions: int) -> ConditionalBatchNorm2d:
+        """A fresh layer of ``bn``'s size, eps, momentum, device and dtype: γ/β 1 / 0, statistics 0 / 1."""
+        require_bn(bn, cls.__name__, needs_stats=False)
+        _require_2d(bn, cls.__name__)
+        return cls(bn.num_features, num_conditions, eps=bn.eps, momentum=bn.momentum, **factory_kwargs(bn))
+
+    @classmethod
     def from_bn(cls, bn: nn.Module, num_conditions: int) -> "ConditionalBatchNorm2d":
         """Every class starts with ``bn``'s γ/β; running statistics, eps and momentum are carried."""
-        _require_bn(bn, cls.__name__, needs_stats=True)
-        _require_2d(bn, cls.__name__)
-        new = cls(bn.num_features, num_conditions, eps=bn.eps, momentum=bn.momentum, **_factory(bn))
-        new._carry_affine(bn)
-        with torch.no_grad():
-            new.running_mean.copy_(bn.running_mean)
-            new.running_var.copy_(bn.running_var)
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new.train(bn.training)
-        return new
+        return cls._from_bn(bn, num_conditions, needs_stats=True)
 
 
 def _conditional_layers(model: nn.Module) -> list[_ConditionalNorm]:

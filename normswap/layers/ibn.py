@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .renorm import _BN_DIMS, _copy_param, _factory, _require_bn
+from ._state import KINDS, bn_dim, copy_kinds, factory_kwargs, require_bn
 
 
 class IBN(nn.Module):
@@ -46,6 +46,25 @@ class IBN(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_features}, ratio={self.ratio}, half={self.half}"
 
+    def carry_names(self) -> dict[str, dict[str, str]]:
+        """Where a BN's state goes (``normswap.layers._state`` map syntax): channels [:half] into ``IN``, the
+        rest into ``BN``."""
+        k = self.half
+        return {
+            "affine": {f"weight[:{k}]": "IN.weight[:]", f"bias[:{k}]": "IN.bias[:]",
+                       f"weight[{k}:]": "BN.weight[:]", f"bias[{k}:]": "BN.bias[:]"},
+            "running_stats": {f"running_mean[{k}:]": "BN.running_mean[:]", f"running_var[{k}:]": "BN.running_var[:]",
+                              "num_batches_tracked": "BN.num_batches_tracked"},
+        }
+
+    @classmethod
+    def like(cls, bn: nn.Module, ratio: float = 0.5) -> IBN:
+        """A fresh IBN of ``bn``'s size, eps, momentum, device and dtype: identity affine, statistics 0 / 1."""
+        require_bn(bn, cls.__name__, needs_stats=False)
+        if bn_dim(bn) not in (None, 2):
+            raise ValueError(f"IBN is a 2d layer; cannot build it from a {type(bn).__name__}")
+        return cls(bn.num_features, ratio=ratio, eps=bn.eps, momentum=bn.momentum, **factory_kwargs(bn))
+
     @classmethod
     def from_bn(cls, bn: nn.Module, ratio: float = 0.5) -> "IBN":
         """An IBN whose ``IN`` takes γ/β of ``bn``'s channels [:half] and whose ``BN`` takes the rest.
@@ -54,20 +73,8 @@ class IBN(nn.Module):
         (``None`` included); ``IN`` gets eps. A BN without affine gives γ = 1, β = 0.
         timm's BatchNormAct2d counts as a BatchNorm2d; its activation is not carried.
         """
-        _require_bn(bn, cls.__name__, needs_stats=True)
-        dim = next((d for bn_cls, d in _BN_DIMS if isinstance(bn, bn_cls)), None)
-        if dim not in (None, 2):
-            raise ValueError(f"IBN is a 2d layer; cannot build it from a {type(bn).__name__}")
-        new = cls(bn.num_features, ratio=ratio, eps=bn.eps, momentum=bn.momentum, **_factory(bn))
-        k = new.half
-        if bn.weight is not None:
-            _copy_param(new.IN.weight, bn.weight[:k])
-            _copy_param(new.IN.bias, bn.bias[:k])
-            _copy_param(new.BN.weight, bn.weight[k:])
-            _copy_param(new.BN.bias, bn.bias[k:])
-        with torch.no_grad():
-            new.BN.running_mean.copy_(bn.running_mean[k:])
-            new.BN.running_var.copy_(bn.running_var[k:])
-            new.BN.num_batches_tracked.copy_(bn.num_batches_tracked)
+        require_bn(bn, cls.__name__, needs_stats=True)
+        new = cls.like(bn, ratio=ratio)
+        copy_kinds(bn, new, KINDS)
         new.train(bn.training)
         return new

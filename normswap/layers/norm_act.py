@@ -61,9 +61,9 @@ for _cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
 def _define_catalog_act_classes() -> None:
     from .conditional import ConditionalBatchNorm2d, ConditionalInstanceNorm2d
     from .ibn import IBN
-    from .renorm import BatchRenorm2d
+    from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
-    for cls in (BatchRenorm2d, IBN, ConditionalInstanceNorm2d, ConditionalBatchNorm2d):
+    for cls in (BatchRenorm2d, IBN, ConditionalInstanceNorm2d, ConditionalBatchNorm2d, BatchRenorm1d, BatchRenorm3d):
         define_act_class(cls, globals())
 
 

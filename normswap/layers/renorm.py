@@ -9,35 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.batchnorm import _BatchNorm
 
-
-def _require_bn(bn: nn.Module, layer: str, *, needs_stats: bool) -> None:
-    """Raise unless ``bn`` is a torch BatchNorm (any subclass, timm's included) usable by ``layer``."""
-    if not isinstance(bn, _BatchNorm):
-        raise TypeError(f"{layer}.from_bn expects a torch BatchNorm layer (a _BatchNorm subclass), "
-                        f"got {type(bn).__name__}")
-    if needs_stats and bn.running_mean is None:
-        raise ValueError(f"{layer}.from_bn needs running statistics, but this {type(bn).__name__} was built "
-                         "with track_running_stats=False")
-
-
-def _factory(bn: nn.Module) -> dict:
-    """device and dtype of a BN's tensors, for building its replacement alongside it."""
-    for t in (getattr(bn, "weight", None), getattr(bn, "running_mean", None)):
-        if t is not None:
-            return {"device": t.device, "dtype": t.dtype}
-    return {}
-
-
-def _copy_param(dst: nn.Parameter, src: torch.Tensor) -> None:
-    """dst <- src in place, keeping src's requires_grad (a frozen BN affine stays frozen)."""
-    with torch.no_grad():
-        dst.copy_(src)
-    dst.requires_grad_(src.requires_grad)
-
-
-_BN_DIMS = ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3))
+from ._state import KINDS, bn_dim, copy_kinds, factory_kwargs, require_bn
 
 
 class _BatchRenorm(nn.Module):
@@ -128,33 +101,33 @@ class _BatchRenorm(nn.Module):
         timm's activation/drop are not carried. A ``momentum=None`` BN (cumulative average)
         gets momentum 0.1. Eval outputs are bit-identical to ``bn``'s.
         """
-        _require_bn(bn, cls.__name__, needs_stats=True)
-        bn_dim = next((d for bn_cls, d in _BN_DIMS if isinstance(bn, bn_cls)), None)
+        require_bn(bn, cls.__name__, needs_stats=True)
+        new = cls.like(bn, rmax=rmax, dmax=dmax, dim=dim)
+        copy_kinds(bn, new, KINDS)
+        new.train(bn.training)
+        return new
+
+    @classmethod
+    def like(cls, bn: nn.Module, rmax: float = 3.0, dmax: float = 5.0, *, dim: int | None = None) -> _BatchRenorm:
+        """A fresh BatchRenorm shaped like ``bn`` (size, affine, eps, momentum, device, dtype, dimension as in
+        ``from_bn``), with γ = 1, β = 0 and running statistics 0 / 1: nothing of ``bn``'s state."""
+        require_bn(bn, cls.__name__, needs_stats=False)
+        have = bn_dim(bn)
         asked = {d for d in (dim, getattr(cls, "_dim", None)) if d is not None}
         if len(asked) > 1:
             raise ValueError(f"dim={dim} contradicts {cls.__name__}")
-        want = asked.pop() if asked else bn_dim
+        want = asked.pop() if asked else have
         if want is None:
             raise ValueError(f"cannot tell the dimension of a {type(bn).__name__}: pass dim=1, 2 or 3, "
                              "or call BatchRenorm1d/2d/3d.from_bn")
-        if bn_dim is not None and want != bn_dim:
-            raise ValueError(f"{type(bn).__name__} is a {bn_dim}d BatchNorm; cannot build a BatchRenorm{want}d from it")
+        if have is not None and want != have:
+            raise ValueError(f"{type(bn).__name__} is a {have}d BatchNorm; cannot build a BatchRenorm{want}d from it")
         target = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}.get(want)
         if target is None:
             raise ValueError(f"dim must be 1, 2 or 3, got {want}")
-
         momentum = 0.1 if bn.momentum is None else bn.momentum
-        new = target(bn.num_features, eps=bn.eps, momentum=momentum, rmax=rmax, dmax=dmax, affine=bn.weight is not None,
-                     **_factory(bn))
-        if bn.weight is not None:
-            _copy_param(new.weight, bn.weight)
-            _copy_param(new.bias, bn.bias)
-        with torch.no_grad():
-            new.running_mean.copy_(bn.running_mean)
-            new.running_var.copy_(bn.running_var)
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)
-        new.train(bn.training)
-        return new
+        return target(bn.num_features, eps=bn.eps, momentum=momentum, rmax=rmax, dmax=dmax,
+                      affine=bn.weight is not None, **factory_kwargs(bn))
 
 
 class BatchRenorm1d(_BatchRenorm):

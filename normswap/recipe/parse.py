@@ -283,79 +283,99 @@ def _parse_rule(v: _Validator, rd: Any, i: int, params: dict, used: set) -> Rule
     selector = _parse_match(v, rd.get("match"), path + ("match",), label, "match" in rd)
     for key in ("path", "exclude"):
         for pat in (selector.paths if key == "path" else selector.exclude) if selector else ():
-            ref = PARAM_REF.match(pat)
-            if ref and ref.group(1) not in params:
-                v.add(path + ("match", key), f"{label}: '{pat}' refers to an undeclared parameter; declare it under 'params:'")
-            elif ref:
-                used.add(ref.group(1))
+            _param_ref(v, pat, path + ("match", key), label, params, used)
 
-    repl = None
-    if "replace" not in rd:
-        v.add(path, f"{label}: missing 'replace' (one of {', '.join(registry.names())})")
-    elif not isinstance(rd["replace"], str):
-        v.add(path + ("replace",), f"{label}: 'replace' must be a replacement name")
-    else:
-        repl = registry.lookup(rd["replace"])
-        if repl is None:
-            v.add(path + ("replace",), f"{label}: unknown replacement '{rd['replace']}'; {registry.suggest(rd['replace'], registry.names())}")
-
+    repl = _parse_replace(v, rd, path, label)
     options = rd.get("with") or {}
     if not isinstance(options, dict):
         v.add(path + ("with",), f"{label}: 'with' must be a mapping of options")
         options = {}
     if repl is not None:
-        valid = [o.name for o in repl.options]
-        for key, value in options.items():
-            opt = repl.option(key)
-            if opt is None:
-                hint = registry.suggest(key, valid) if valid else f"'{repl.name}' takes no options"
-                v.add(path + ("with", key), f"{label}: unknown option '{key}' for {repl.name}; {hint}")
-                continue
-            ref = PARAM_REF.match(value) if isinstance(value, str) else None
-            if ref:
-                if ref.group(1) not in params:
-                    v.add(path + ("with", key), f"{label}: '{value}' refers to an undeclared parameter; declare it under 'params:'")
-                used.add(ref.group(1))
-            elif (why := opt.problem(value)) is not None:
-                v.add(path + ("with", key), f"{label}: {why}")
+        _check_options(v, repl, options, path, label, params, used)
         if selector is not None and selector.families and repl.families:
             wrong = [f for f in selector.families if f not in repl.families]
             if wrong:
                 v.add(path + ("match",), f"{label}: {repl.name} applies to {', '.join(repl.families)} layers, not {', '.join(wrong)}")
-
-    carry = None
-    if "carry" in rd:
-        items = v.str_list(rd["carry"], path + ("carry",), f"{label}: 'carry'")
-        if repl is not None:
-            allowed = list(repl.carries) + ["none"]
-            for c in items:
-                if c not in allowed:
-                    v.add(path + ("carry",), f"{label}: {repl.name} cannot carry '{c}'; {registry.suggest(c, allowed)}")
-        carry = tuple(c for c in items if c != "none")
-
-    required = rd.get("required", False)
-    if not isinstance(required, bool):
-        v.add(path + ("required",), f"{label}: 'required' must be true or false, got {required!r}")
-        required = False
-    when = rd.get("when", True)
-    ref = PARAM_REF.match(when) if isinstance(when, str) else None
-    if ref:
-        if ref.group(1) not in params:
-            v.add(path + ("when",), f"{label}: '{when}' refers to an undeclared parameter; declare it under 'params:'")
-        used.add(ref.group(1))
-    elif not isinstance(when, bool):
-        v.add(path + ("when",), f"{label}: 'when' must be true, false or a parameter like ${{drop}}, got {when!r}")
-        when = True
-    calibrate = rd.get("calibrate")
-    if calibrate is not None and not isinstance(calibrate, bool):
-        v.add(path + ("calibrate",), f"{label}: 'calibrate' must be true or false, got {calibrate!r}")
-        calibrate = None
+    carry = _parse_carry(v, rd, repl, path, label)
+    required, when, calibrate = _parse_flags(v, rd, path, label, params, used)
     if selector is None or repl is None:
         return None
     return Rule(
         index=i, name=rname, selector=selector, replace=repl.name, options=dict(options),
         carry=carry, required=required, line=v.line(path), when=when, calibrate=calibrate,
     )
+
+
+def _param_ref(v: _Validator, value: Any, path: tuple, label: str, params: dict, used: set) -> bool:
+    """Whether ``value`` is a ``${name}`` reference; an undeclared one is a problem, a declared one is used."""
+    ref = PARAM_REF.match(value) if isinstance(value, str) else None
+    if ref is None:
+        return False
+    if ref.group(1) not in params:
+        v.add(path, f"{label}: '{value}' refers to an undeclared parameter; declare it under 'params:'")
+    else:
+        used.add(ref.group(1))
+    return True
+
+
+def _parse_replace(v: _Validator, rd: dict, path: tuple, label: str) -> registry.Replacement | None:
+    if "replace" not in rd:
+        v.add(path, f"{label}: missing 'replace' (one of {', '.join(registry.names())})")
+        return None
+    if not isinstance(rd["replace"], str):
+        v.add(path + ("replace",), f"{label}: 'replace' must be a replacement name")
+        return None
+    repl = registry.lookup(rd["replace"])
+    if repl is None:
+        v.add(path + ("replace",), f"{label}: unknown replacement '{rd['replace']}'; {registry.suggest(rd['replace'], registry.names())}")
+    return repl
+
+
+def _check_options(v: _Validator, repl: registry.Replacement, options: dict, path: tuple, label: str, params: dict,
+                   used: set) -> None:
+    valid = [o.name for o in repl.options]
+    for key, value in options.items():
+        opt = repl.option(key)
+        if opt is None:
+            hint = registry.suggest(key, valid) if valid else f"'{repl.name}' takes no options"
+            v.add(path + ("with", key), f"{label}: unknown option '{key}' for {repl.name}; {hint}")
+        elif not _param_ref(v, value, path + ("with", key), label, params, used) and (why := opt.problem(value)):
+            v.add(path + ("with", key), f"{label}: {why}")
+
+
+def _parse_carry(v: _Validator, rd: dict, repl: registry.Replacement | None, path: tuple,
+                 label: str) -> tuple[str, ...] | None:
+    """The rule's ``carry:`` (None: the replacement's default). A replacement that carries nothing by choice
+    (``carries=()``) takes no ``carry:`` at all, ``none`` included: it could not honour it."""
+    if "carry" not in rd:
+        return None
+    items = v.str_list(rd["carry"], path + ("carry",), f"{label}: 'carry'")
+    if repl is not None and not repl.carries:
+        v.add(path + ("carry",), f"{label}: {repl.name} does not take 'carry', not even 'none': what it keeps is "
+                                 "fixed; remove the 'carry' key")
+    elif repl is not None:
+        allowed = list(repl.carries) + ["none"]
+        for c in items:
+            if c not in allowed:
+                v.add(path + ("carry",), f"{label}: {repl.name} cannot carry '{c}'; {registry.suggest(c, allowed)}")
+    return tuple(c for c in items if c != "none")
+
+
+def _parse_flags(v: _Validator, rd: dict, path: tuple, label: str, params: dict, used: set) -> tuple[bool, Any, Any]:
+    """``required``, ``when`` and ``calibrate``."""
+    required = rd.get("required", False)
+    if not isinstance(required, bool):
+        v.add(path + ("required",), f"{label}: 'required' must be true or false, got {required!r}")
+        required = False
+    when = rd.get("when", True)
+    if not _param_ref(v, when, path + ("when",), label, params, used) and not isinstance(when, bool):
+        v.add(path + ("when",), f"{label}: 'when' must be true, false or a parameter like ${{drop}}, got {when!r}")
+        when = True
+    calibrate = rd.get("calibrate")
+    if calibrate is not None and not isinstance(calibrate, bool):
+        v.add(path + ("calibrate",), f"{label}: 'calibrate' must be true or false, got {calibrate!r}")
+        calibrate = None
+    return required, when, calibrate
 
 
 def _parse_match(v: _Validator, md: Any, path: tuple, label: str, present: bool) -> Selector | None:

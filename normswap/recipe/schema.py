@@ -22,8 +22,7 @@ def recipe_schema() -> dict:
             "if": {"properties": {"replace": {"const": repl.name}}, "required": ["replace"]},
             "then": {"properties": {
                 "with": {"type": "object", "properties": props, "additionalProperties": False},
-                "carry": {"oneOf": [{"enum": list(repl.carries) + ["none"]},
-                                     {"type": "array", "items": {"enum": list(repl.carries) + ["none"]}}]},
+                "carry": _carry_schema(repl.carries),
             }},
         })
     rule = {
@@ -75,6 +74,15 @@ def recipe_schema() -> dict:
             "check": {"enum": list(CHECK_MODES)},
         },
     }
+
+
+def _carry_schema(carries: tuple[str, ...]) -> dict | bool:
+    """What ``carry:`` may say for a replacement: its carries and ``none``; nothing at all (the key is refused,
+    as the validator refuses it) for one that carries no state by choice (``carries=()``)."""
+    if not carries:
+        return False
+    allowed = {"enum": list(carries) + ["none"]}
+    return {"oneOf": [allowed, {"type": "array", "items": allowed, "minItems": 1}]}
 
 
 def schema_text() -> str:
