@@ -73,6 +73,7 @@ class Replacement:
     doc: str
     needs_analysis: bool = False
     note: str | None = None  # said once in the report when the replacement changed any layer
+    keeps_function: bool = False  # the eval-mode output is unchanged: a recipe of these is checked numerically
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
@@ -98,6 +99,7 @@ def register(
     doc: str = "",
     needs_analysis: bool = False,
     note: str | None = None,
+    keeps_function: bool = False,
 ) -> Callable[[Factory], Factory]:
     """Register a factory (LayerContext -> Built, see factory.py) under ``name``."""
 
@@ -116,6 +118,7 @@ def register(
             doc=doc,
             needs_analysis=needs_analysis,
             note=note,
+            keeps_function=keeps_function,
         )
         return fn
 

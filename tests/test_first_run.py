@@ -185,3 +185,17 @@ def test_a_model_that_cannot_be_spatially_dynamic_gets_a_fixed_export_and_a_note
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(program(x), model(x), atol=1e-5)
+
+
+def test_a_recipe_without_check_is_checked_by_what_its_replacements_keep(tmp_path, capsys):
+    """A user's BN -> GroupNorm recipe without `check:` used to fail numerically, always."""
+    gn, frozen = tmp_path / "gn.yaml", tmp_path / "frozen.yaml"
+    gn.write_text("version: 1\nname: my_gn\nrules:\n  - match: {family: batchnorm}\n    replace: group_norm\n")
+    frozen.write_text("version: 1\nname: my_frozen\nrules:\n  - match: {family: batchnorm}\n"
+                      "    replace: frozen_batch_norm\n")
+    assert normswap.recipe(str(gn)).check == "interface" and normswap.recipe(str(frozen)).check == "numeric"
+    out = tmp_path / "gn.safetensors"
+    assert main(["apply", str(gn), "models:ConvBN", "-o", str(out)]) == 0
+    assert "check (interface): passed" in capsys.readouterr().out and out.exists()
+    assert main(["apply", str(frozen), "models:ConvBN", "-o", str(tmp_path / "f.safetensors")]) == 0
+    assert "check (numeric): passed" in capsys.readouterr().out

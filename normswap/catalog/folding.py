@@ -436,6 +436,7 @@ def _store(module: nn.Module, weight: torch.Tensor, w: torch.Tensor, b: torch.Te
 
 @register(
     "fold",
+    keeps_function=True,
     families=("batchnorm", "frozen_batchnorm"),
     needs_analysis=True,
     doc="Fold an eval-mode BatchNorm into the conv/linear producing its input; the BN becomes Identity "

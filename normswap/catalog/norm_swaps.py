@@ -197,6 +197,7 @@ def layer_norm(ctx: LayerContext) -> Built:
 
 @register(
     "frozen_batch_norm",
+    keeps_function=True,
     families=("batchnorm",),
     carries=("affine", "running_stats"),
     needs_analysis=True,
@@ -218,6 +219,7 @@ def frozen_batch_norm(ctx: LayerContext) -> Built:
 
 @register(
     "sync_batch_norm",
+    keeps_function=True,
     families=("batchnorm",),
     carries=("affine", "running_stats"),
     doc="SyncBatchNorm: BN with batch statistics synchronized across processes (multi-GPU training). "
@@ -339,6 +341,7 @@ def _needs_running_stats(old: nn.Module, target: str) -> None:
 
 @register(
     "batch_renorm",
+    keeps_function=True,
     families=("batchnorm",),
     carries=("affine", "running_stats"),
     needs_analysis=True,
@@ -429,6 +432,7 @@ def conditional_instance_norm(ctx: LayerContext) -> Built:
 
 @register(
     "conditional_batch_norm",
+    keeps_function=True,
     families=("batchnorm",),
     carries=("affine", "running_stats"),
     needs_analysis=True,

@@ -85,6 +85,7 @@ def spectral_norm(ctx: LayerContext) -> Built:
 
 @register(
     "weight_norm",
+    keeps_function=True,
     families=("conv", "linear"),
     carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Weight normalization (Salimans & Kingma 2016): w = g · v/‖v‖ per output channel "
@@ -136,6 +137,7 @@ def cosine_norm(ctx: LayerContext) -> Built:
 
 @register(
     "bake",
+    keeps_function=True,
     families=("conv", "linear"),
     carries=(),  # a rewrite of the layer's own weights, which always come along: no `carry:` to choose
     doc="Replace every parametrization of the layer (spectral/weight norm, ...) by its current eval-mode "

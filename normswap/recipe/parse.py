@@ -235,10 +235,9 @@ def parse_data(data: Any, source: str, lines: dict) -> Recipe:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
             v.add(("params", key), f"parameter name '{key}' must be an identifier")
 
-    check = data.get("check", "numeric")
-    if check not in CHECK_MODES:
+    check = data.get("check")
+    if check is not None and check not in CHECK_MODES:
         v.add(("check",), f"'check' must be one of {', '.join(CHECK_MODES)}; got {check!r}")
-        check = "numeric"
 
     rules_data = data.get("rules")
     rules: list[Rule] = []
@@ -254,6 +253,8 @@ def parse_data(data: Any, source: str, lines: dict) -> Recipe:
                 rules.append(rule)
     if v.problems:
         raise RecipeError(v.problems)
+    if check is None:  # numeric only when every rule keeps the eval-mode function (a fold, a frozen BN, ...)
+        check = "numeric" if all(registry.get(r.replace).keeps_function for r in rules) else "interface"
     recipe = Recipe(
         name=name,
         description=description,

@@ -71,7 +71,11 @@ def recipe_schema() -> dict:
             "description": {"type": "string"},
             "params": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}},
             "rules": {"type": "array", "minItems": 1, "items": rule},
-            "check": {"enum": list(CHECK_MODES)},
+            "check": {"enum": list(CHECK_MODES),
+                      "description": "how apply checks the result; default: numeric when every rule's replacement "
+                                     "keeps the eval-mode function (" + ", ".join(
+                                         r for r in registry.names() if registry.get(r).keeps_function)
+                                     + "), else interface"},
         },
     }
 
