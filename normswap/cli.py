@@ -44,6 +44,9 @@ def _model_args(p: argparse.ArgumentParser, name: str = "model") -> None:
     p.add_argument("--weights", help="state dict to load into a spec-built model")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole module (runs code from the file)")
     p.add_argument("--ema", action="store_true", help="prefer the EMA weights of a training checkpoint")
+    p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="WEIGHTS",
+                   help="load a spec's pretrained weights through timm / torchvision and their caches (the first "
+                        "run downloads them); WEIGHTS: a torchvision weights name, e.g. IMAGENET1K_V2")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +198,7 @@ def _params(items: list[str]) -> dict[str, Any]:
 def _load(args, source: str | None = None) -> Loaded:
     loaded = load_input(
         source or args.model, arch=args.arch, weights=getattr(args, "weights", None),
-        trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False),
+        trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False), pretrained=getattr(args, "pretrained", False),
     )
     if getattr(args, "input_size", None):
         loaded.input_size = list(cli_input_size(args.input_size, loaded.model))

@@ -43,6 +43,11 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
     steps: list[dict] = field(default_factory=list)  # recipes already applied (normswap outputs)
     input_size: list[int] | None = None
+    arch_args: dict | None = None  # timm model_args / pretrained_cfg an hf-hub config.json resolved to
+
+
+PRETRAINED_FIX = ("run it once where the hub is reachable (the weights are then cached, and HF_HUB_OFFLINE=1 "
+                  "uses the cache), or build without --pretrained and load a file with --weights FILE")
 
 
 # ---------------------------------------------------------------- specs
@@ -52,22 +57,24 @@ def is_spec(text: str) -> bool:
     if os.path.exists(text):
         return False
     head, sep, tail = text.partition(":")
-    return bool(sep and tail and head and (head in ("timm", "torchvision") or "." in head or head.isidentifier()))
+    return bool(sep and tail and head and (head in ("timm", "torchvision", "hf-hub") or "." in head
+                                           or head.isidentifier()))
 
 
-def build_spec(spec: str) -> nn.Module:
-    """``timm:NAME``, ``torchvision:NAME`` or ``package.module:factory``, built without pretrained weights."""
+def build_spec(spec: str, *, pretrained: bool | str = False, arch_args: dict | None = None) -> nn.Module:
+    """``timm:NAME[.TAG]``, ``hf-hub:ORG/NAME``, ``torchvision:NAME`` or ``package.module:factory``.
+
+    ``pretrained``: True for the library's pretrained weights (timm's for the name and tag, torchvision's
+    DEFAULT), or a torchvision weights name (IMAGENET1K_V2). The libraries' own loaders and caches do the
+    work (HF_HOME, HF_HUB_OFFLINE, TORCH_HOME). ``arch_args``: the model_args and pretrained_cfg an hf-hub
+    config resolved to, so a saved model is rebuilt without the hub.
+    """
     head, _, name = spec.partition(":")
-    if head == "timm":
-        import timm
-
-        try:
-            return timm.create_model(name, pretrained=False)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
-                close = _close(name, timm.list_models())
-                raise ModelLoadError(f"unknown timm model '{name}' in spec '{spec}'", fix=close) from None
-            raise ModelLoadError(f"timm could not build '{name}': {e}") from None
+    if head in ("timm", "hf-hub"):
+        return _build_timm(spec, head, name, pretrained, arch_args)
+    if pretrained and head != "torchvision":
+        raise InputSpecError(f"--pretrained works with timm:, hf-hub: and torchvision: specs, not {spec}",
+                             fix="build the model with its own code and load its weights with --weights FILE")
     if head == "torchvision":
         import torchvision
 
@@ -78,7 +85,14 @@ def build_spec(spec: str) -> nn.Module:
             raise ModelLoadError(f"unknown torchvision model '{name}' in spec '{spec}'", fix=close) from None
         # segmentation and detection builders default to an ImageNet backbone, which would be downloaded
         no_backbone = {"weights_backbone": None} if "weights_backbone" in inspect.signature(builder).parameters else {}
-        return builder(weights=None, **no_backbone)
+        if not pretrained:
+            return builder(weights=None, **no_backbone)
+        weights = "DEFAULT" if pretrained is True else str(pretrained)
+        valid = list(torchvision.models.get_model_weights(name).__members__)
+        if weights != "DEFAULT" and weights.rpartition(".")[2] not in valid:
+            raise InputSpecError(f"torchvision has no weights {weights!r} for {name}",
+                                 fix=f"use --pretrained alone (DEFAULT) or one of {', '.join(valid)}")
+        return _pretrained(spec, lambda: builder(weights=weights, **no_backbone), "torch")
     try:
         module = _import_from_cwd(head)
     except ImportError as e:
@@ -96,6 +110,57 @@ def build_spec(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _build_timm(spec: str, head: str, name: str, pretrained: bool | str, arch_args: dict | None) -> nn.Module:
+    import timm
+
+    if isinstance(pretrained, str):
+        raise InputSpecError(f"timm takes --pretrained alone, not {pretrained!r}",
+                             fix="put the weights tag in the name: timm:resnet50.a1_in1k --pretrained")
+    model_id = spec if head == "hf-hub" else name
+    if arch_args is not None:  # the architecture an hf-hub config resolved to: no hub needed
+        return timm.create_model(name, pretrained=False, pretrained_cfg=arch_args.get("pretrained_cfg"),
+                                 **arch_args.get("model_args", {}))
+    try:
+        if pretrained or head == "hf-hub":  # an hf-hub config.json says what to build, weights or not
+            return _pretrained(spec, lambda: timm.create_model(model_id, pretrained=bool(pretrained)), "hf")
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            close = _close(name.split(".")[0], timm.list_models())
+            raise ModelLoadError(f"unknown timm model '{name}' in spec '{spec}'", fix=close) from None
+        raise ModelLoadError(f"timm could not build '{name}': {e}") from None
+
+
+def _pretrained(spec: str, build: Callable[[], nn.Module], where: str) -> nn.Module:
+    """Build with downloaded weights; weights neither cached nor reachable are exit 2 saying where it looked."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return build()
+    except (RuntimeError, ValueError) as e:
+        if "Unknown model" in str(e) or isinstance(e, ValueError) and "weights" in str(e).lower():
+            raise
+        raise _not_reachable(spec, where, e) from None
+    except Exception as e:  # noqa: BLE001 - the hub client's offline / not-found errors are many classes
+        raise _not_reachable(spec, where, e) from None
+
+
+def _not_reachable(spec: str, where: str, e: BaseException) -> ModelLoadError:
+    if where == "hf":
+        from huggingface_hub import constants
+
+        place = f"the Hugging Face cache {constants.HF_HUB_CACHE}" + (
+            " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "")
+    else:
+        import torch.hub
+
+        place = f"the torch hub cache {Path(torch.hub.get_dir()) / 'checkpoints'}"
+    return ModelLoadError(f"the pretrained weights of {spec} are not in {place} and could not be downloaded "
+                          f"({type(e).__name__}: {_first_line(e)})", fix=PRETRAINED_FIX)
 
 
 def _import_from_cwd(name: str):
@@ -344,6 +409,7 @@ def load_model(
     weights: str | os.PathLike | None = None,
     trust_pickle: bool = False,
     ema: bool = False,
+    pretrained: bool | str = False,
 ) -> Loaded:
     """A spec, a checkpoint or a trusted pickle -> Loaded (see the README's "model inputs").
 
@@ -351,8 +417,8 @@ def load_model(
     """
     text = os.fspath(source)
     if is_spec(text) and not os.path.exists(text):
-        model = build_spec(text)
-        loaded = Loaded(model, "spec", text, None, [f"built {text} with random weights (pretrained=False)"])
+        model = build_spec(text, pretrained=pretrained)
+        loaded = _loaded_spec(text, model, pretrained)
         if weights is not None:
             wpath = Path(weights)
             check_readable(wpath)
@@ -381,6 +447,28 @@ def load_model(
 
 
 # ---------------------------------------------------------------- normswap outputs (safetensors + sidecar)
+
+
+def _loaded_spec(spec: str, model: nn.Module, pretrained: bool | str) -> Loaded:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    where = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("tag") or (pretrained if isinstance(pretrained, str)
+                                                                           else "DEFAULT")
+    note = (f"built {spec} with its pretrained weights ({where})" if pretrained
+            else f"built {spec} with random weights (pretrained=False)")
+    loaded = Loaded(model, "spec", spec, None, [note])
+    if spec.startswith("hf-hub:"):  # rebuild from what its config.json resolved to, without the hub
+        loaded.spec = f"timm:{cfg.get('architecture') or spec}"
+        loaded.arch_args = {"model_args": dict(getattr(model, "_model_args", {}) or {}),
+                            "pretrained_cfg": {k: v for k, v in cfg.items() if _json_plain(v)}}
+    return loaded
+
+
+def _json_plain(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def sidecar_path(out: Path) -> Path:
@@ -509,6 +597,7 @@ def save_model(model: nn.Module, path: Path, loaded: Loaded, steps: list[dict], 
         "normswap": __version__,
         "format": path.suffix.lstrip("."),
         "arch": loaded.spec,
+        **({"arch_args": loaded.arch_args} if loaded.arch_args else {}),
         "input_size": loaded.input_size,
         "steps": list(loaded.steps) + list(steps),
         "report": report,

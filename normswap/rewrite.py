@@ -136,7 +136,7 @@ def _unwrapped(model: nn.Module, inplace: bool) -> tuple[nn.Module, list[str]]:
 
 
 def load_input(source: str | os.PathLike, *, arch: str | None = None, weights: str | os.PathLike | None = None,
-               trust_pickle: bool = False, ema: bool = False) -> Loaded:
+               trust_pickle: bool = False, ema: bool = False, pretrained: bool | str = False) -> Loaded:
     """Any model input normswap accepts -> Loaded (see the README's "model inputs"); a normswap
     ``.safetensors`` output is rebuilt by replaying the rewrites its sidecar records."""
     text = os.fspath(source)
@@ -146,11 +146,14 @@ def load_input(source: str | os.PathLike, *, arch: str | None = None, weights: s
         side = sidecar_of(path)
         if side is not None:
             return replay(path, side)
-    return load_model(source, arch=arch, weights=weights, trust_pickle=trust_pickle, ema=ema)
+    return load_model(source, arch=arch, weights=weights, trust_pickle=trust_pickle, ema=ema, pretrained=pretrained)
 
 
 def load(source: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False, **kw: Any) -> nn.Module:
-    """Public ``normswap.load``: a spec, a checkpoint (with ``arch``), a normswap output, or a trusted pickle."""
+    """Public ``normswap.load``: a spec, a checkpoint (with ``arch``), a normswap output, or a trusted pickle.
+
+    ``pretrained=True`` (or a torchvision weights name) loads a spec's pretrained weights through timm or
+    torchvision, with their caches."""
     return load_input(source, arch=arch, trust_pickle=trust_pickle, **kw).model
 
 
@@ -159,7 +162,7 @@ def replay(path: Path, side: dict) -> Loaded:
     spec = side.get("arch")
     if not spec:
         raise ModelLoadError(f"{sidecar_path(path)} does not say which architecture to rebuild")
-    model = build_spec(spec)
+    model = build_spec(spec, arch_args=side.get("arch_args"))
     input_size = side.get("input_size")
     for step in side.get("steps", []):
         if step.get("eval_mode"):
@@ -179,7 +182,7 @@ def replay(path: Path, side: dict) -> Loaded:
         raise ModelLoadError(f"{path} does not fit the replayed model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     steps = list(side.get("steps", []))
     return Loaded(model, "normswap", spec, path, [f"rebuilt {spec} with {len(steps)} recorded step(s) and loaded {path}"],
-                  steps=steps, input_size=input_size)
+                  steps=steps, input_size=input_size, arch_args=side.get("arch_args"))
 
 
 def _expect_layers(model: nn.Module, expected: dict | None, path: Path) -> None:
