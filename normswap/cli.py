@@ -264,7 +264,7 @@ def _default_output(loaded: Loaded, recipe_name: str, export: str | None) -> Pat
     ext = EXPORT_SUFFIX[export] if export else (".pt" if loaded.spec is None else ".safetensors")
     if loaded.path is not None:
         return loaded.path.with_name(f"{loaded.path.stem}.{recipe_name}{ext}")
-    name = (loaded.spec or "model").rpartition(":")[2].rpartition("/")[2] or "model"
+    name = (loaded.given or loaded.spec or "model").rpartition(":")[2].rpartition("/")[2] or "model"
     return Path.cwd() / f"{name}.{recipe_name}{ext}"
 
 

@@ -44,6 +44,7 @@ class Loaded:
     steps: list[dict] = field(default_factory=list)  # recipes already applied (normswap outputs)
     input_size: list[int] | None = None
     arch_args: dict | None = None  # timm model_args / pretrained_cfg an hf-hub config.json resolved to
+    given: str | None = None  # the spec as the user gave it (hf-hub:ORG/NAME), for naming outputs
 
 
 PRETRAINED_FIX = ("run it once where the hub is reachable (the weights are then cached, and HF_HUB_OFFLINE=1 "
@@ -455,7 +456,7 @@ def _loaded_spec(spec: str, model: nn.Module, pretrained: bool | str) -> Loaded:
                                                                            else "DEFAULT")
     note = (f"built {spec} with its pretrained weights ({where})" if pretrained
             else f"built {spec} with random weights (pretrained=False)")
-    loaded = Loaded(model, "spec", spec, None, [note])
+    loaded = Loaded(model, "spec", spec, None, [note], given=spec)
     if spec.startswith("hf-hub:"):  # rebuild from what its config.json resolved to, without the hub
         loaded.spec = f"timm:{cfg.get('architecture') or spec}"
         loaded.arch_args = {"model_args": dict(getattr(model, "_model_args", {}) or {}),

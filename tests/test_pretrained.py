@@ -95,6 +95,12 @@ def test_hf_hub_output_replays_without_the_hub(hf_r18, offline_hub, tmp_path, mo
     assert not any(empty.iterdir())
 
 
+def test_apply_without_o_names_the_output_after_the_hub_model(hf_r18, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["apply", "bn_to_gn", f"hf-hub:{REPO}", "--pretrained"]) == 0
+    assert (tmp_path / "tiny-r18.bn_to_gn.safetensors").exists()
+
+
 def test_timm_name_with_tag_loads_through_timm_and_the_hub_cache(offline_hub):
     name = "mobilenetv3_small_050.lamb_in1k"
     hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
