@@ -253,3 +253,21 @@ def test_auto_groups_keep_min_group_size_and_groups_by_path(digits):
         normswap.apply(model, "bn_to_gn", calibration=list(x_train[:64].split(32)), calibration_groups="fewest")
     with pytest.raises(NormswapError, match="unknown calibration group mode"):
         normswap.apply(model, "bn_to_gn", calibration=list(x_train[:64].split(32)), calibration_groups=-0.1)
+
+
+def test_keeping_the_recipes_groups_says_when_auto_would_keep_clearly_more(digits):
+    """With the recipe's 32 (-> 4/8/16) groups kept, the same pass measures every count; the report says what
+    calibration_groups='auto' would give when it is clearly better."""
+    model, x_train, _, _ = digits
+    calibration = list(x_train[:256].split(32))
+    _, kept = normswap.apply(model, "bn_to_gn", calibration=calibration, return_report=True, min_group_size=1)
+    rows = kept.calibration["layers"]
+    assert all("groups_built" not in r and r["auto_groups"] <= r["groups"] for r in rows)
+    _, auto = normswap.apply(model, "bn_to_gn", calibration=calibration, return_report=True, min_group_size=1,
+                             calibration_groups="auto")
+    assert [r["auto_groups"] for r in rows] == [r["groups"] for r in auto.calibration["layers"]]
+    assert [r["auto_error"] for r in rows] == pytest.approx([r["error_after"] for r in auto.calibration["layers"]])
+    advice = [n for n in kept.calibration["notes"] if "would keep clearly more" in n]
+    kept_median = sorted(r["error_after"] for r in rows)[1]
+    auto_median = sorted(r["auto_error"] for r in rows)[1]
+    assert bool(advice) == (auto_median <= 0.5 * kept_median and kept_median - auto_median > 0.01), (rows, advice)

@@ -263,9 +263,9 @@ def group_candidates(plan, swaps: dict[str, nn.Module], mode: str | float = "kee
     from ..match import glob_match
     from ..registry import normalise
 
-    if mode == "keep":
-        return {}, GROUP_TOLERANCE
-    if mode == "auto":
+    if mode == "keep":  # every count is still measured (same pass), to say when "auto" would keep clearly more
+        tolerance = None
+    elif mode == "auto":
         tolerance = GROUP_TOLERANCE
     elif isinstance(mode, (int, float)) and not isinstance(mode, bool) and math.isfinite(mode) and mode >= 0:
         tolerance = float(mode)
@@ -287,6 +287,20 @@ def group_candidates(plan, swaps: dict[str, nn.Module], mode: str | float = "kee
     return out, tolerance
 
 
+def _advice(report: CalibrationReport) -> None:
+    """With the recipe's counts kept: say so when the counts ``auto`` would take fit clearly better."""
+    rows = [r for r in report.layers if "auto_groups" in r]
+    if not rows or not any(r["auto_groups"] < r["groups"] for r in rows):
+        return
+    kept = statistics.median_high(r["error_after"] for r in rows)
+    auto = statistics.median_high(r["auto_error"] for r in rows)
+    if auto <= 0.5 * kept and kept - auto > 0.01:
+        fewer = sum(1 for r in rows if r["auto_groups"] < r["groups"])
+        report.notes.append(f"calibration_groups='auto' (CLI: --calibrate-groups auto) would keep clearly more of "
+                            f"the function: median layer error {kept:.3g} -> {auto:.3g}, with {fewer} of {len(rows)} "
+                            "GroupNorm layer(s) taking fewer groups")
+
+
 def with_chosen_groups(recipe_data: dict, plan, calibration: dict | None) -> dict:
     """The recipe as data with each group count calibration chose written into its rule's ``groups_by_path``,
     so replaying it (a .safetensors sidecar) rebuilds the layers calibration left."""
@@ -305,7 +319,7 @@ def with_chosen_groups(recipe_data: dict, plan, calibration: dict | None) -> dic
 
 def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Module], batches: list[Any], *,
               fit: str = "least_squares", groups: dict[str, list[int]] | None = None,
-              tolerance: float = GROUP_TOLERANCE, group=None) -> CalibrationReport:
+              tolerance: float | None = GROUP_TOLERANCE, group=None) -> CalibrationReport:
     """Fit the affine of each new layer of ``candidate`` in place (see the module docstring).
 
     ``swaps``: path -> the original layer it replaced. ``original`` is only read.
@@ -322,7 +336,8 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
                              fix="pass calibration=[x1, x2, ...] (or --calibrate-data / --calibrate-tensors)")
     held = max(1, math.ceil(len(data) / 8)) if len(data) >= 2 else 0
     fit_on, held_back = data[: len(data) - held], data[len(data) - held:]
-    report = CalibrationReport(fit, len(data), held, group_tolerance=tolerance if groups else None)
+    report = CalibrationReport(fit, len(data), held, group_tolerance=tolerance if groups and tolerance is not None
+                               else None)
     targets: dict[nn.Module, dict] = {}
     for path, old in swaps.items():
         new = candidate.get_submodule(path)
@@ -360,6 +375,7 @@ def _run(original, candidate, targets, fit_on, held_back, fit, group, report) ->
         before = _outputs(candidate, held_back) if held_back else []
         reference = _outputs(original, held_back) if held_back else []
         _fit_in_lockstep(original, candidate, targets, fit_on, fit, group, report)
+        _advice(report)
         if held_back:
             after = _outputs(candidate, held_back)
             cos_b, top_b = _fidelity(reference, before)
@@ -405,27 +421,7 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
             carried_w, carried_b = module.weight.detach().double(), module.bias.detach().double()
             row = {"path": path, "class": type(module).__name__}
             if t["counts"]:
-                counts = t["counts"]
-                eps = float(module.eps)
-                z_sums = [_z_sums(z) for z, _ in pairs]
-                s_all = _all_reduce(sum(_group_sums(n, z, counts, eps, zs) for (z, n), zs in zip(pairs, z_sums)),
-                                    group)
-                fits = [_fit(s, s[[0, 3, 4]], fit) for s in s_all]
-                errors = [_error(s, g, b) for s, (g, b) in zip(s_all, fits)]
-                k = 0
-                if len(counts) > 1:  # chosen on the layer's own error: on the original network's input
-                    own_s = _all_reduce(sum(_group_sums(x, z, counts, eps, zs)
-                                            for (z, x), zs in zip(parts[:half], z_sums)), group)
-                    own = [_error(s, *_fit(s, s[[0, 3, 4]], fit)) for s in own_s]
-                    k = _choose_groups(own, t["tolerance"])
-                    row["own_error_by_groups"] = {str(g): e for g, e in zip(counts, own)}  # what the choice read
-                built = counts.index(module.num_groups)
-                row["error_before"] = _error(s_all[built], carried_w, carried_b)
-                row["error_after"] = errors[k]
-                (gamma, beta), groups = fits[k], counts[k]
-                if len(counts) > 1:
-                    row["groups_built"] = module.num_groups
-                module.num_groups = groups
+                gamma, beta, groups = _fit_group_norm(module, t, parts, half, fit, group, row)
             else:
                 s = _all_reduce(sum(_sums(n, z, t["axis"]) for z, n in pairs), group)
                 gamma, beta = _fit(s, s[[0, 3, 4]], fit)
@@ -445,6 +441,33 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
     finally:
         for h in handles:
             h.remove()
+
+
+def _fit_group_norm(module: nn.Module, t: dict, parts: list, half: int, fit: str, group, row: dict):
+    """(γ, β, group count) for a GroupNorm: every candidate count fitted from the same moments; the count kept
+    is the recipe's, or the one ``_choose_groups`` picks on the layer's own error (on the original's input)."""
+    counts, eps = t["counts"], float(module.eps)
+    pairs = [(z, n) for (z, _), n in zip(parts[:half], parts[half:])]
+    z_sums = [_z_sums(z) for z, _ in pairs]
+    s_all = _all_reduce(sum(_group_sums(n, z, counts, eps, zs) for (z, n), zs in zip(pairs, z_sums)), group)
+    fits = [_fit(s, s[[0, 3, 4]], fit) for s in s_all]
+    errors = [_error(s, g, b) for s, (g, b) in zip(s_all, fits)]
+    built = k = counts.index(module.num_groups)
+    if len(counts) > 1:
+        own_s = _all_reduce(sum(_group_sums(x, z, counts, eps, zs) for (z, x), zs in zip(parts[:half], z_sums)),
+                            group)
+        own = [_error(s, *_fit(s, s[[0, 3, 4]], fit)) for s in own_s]
+        auto = _choose_groups(own, GROUP_TOLERANCE if t["tolerance"] is None else t["tolerance"])
+        if t["tolerance"] is None:  # keeping the recipe's count: what auto would take, for the advice
+            row["auto_groups"], row["auto_error"] = counts[auto], errors[auto]
+        else:
+            k = auto
+            row["own_error_by_groups"] = {str(g): e for g, e in zip(counts, own)}  # what the choice read
+            row["groups_built"] = module.num_groups
+    row["error_before"] = _error(s_all[built], module.weight.detach().double(), module.bias.detach().double())
+    row["error_after"] = errors[k]
+    module.num_groups = counts[k]
+    return fits[k][0], fits[k][1], counts[k]
 
 
 def _choose_groups(errors: list[float], tolerance: float) -> int:
