@@ -265,8 +265,9 @@ def test_keeping_the_recipes_groups_says_when_auto_would_keep_clearly_more(digit
     assert all("groups_built" not in r and r["auto_groups"] <= r["groups"] for r in rows)
     _, auto = normswap.apply(model, "bn_to_gn", calibration=calibration, return_report=True, min_group_size=1,
                              calibration_groups="auto")
-    assert [r["auto_groups"] for r in rows] == [r["groups"] for r in auto.calibration["layers"]]
-    assert [r["auto_error"] for r in rows] == pytest.approx([r["error_after"] for r in auto.calibration["layers"]])
+    first = auto.calibration["layers"][0]  # later layers see different inputs once auto changed an earlier one
+    assert rows[0]["auto_groups"] == first["groups"] and rows[0]["auto_error"] == pytest.approx(first["error_after"])
+    assert any(r["auto_groups"] < r["groups"] and r["auto_error"] < r["error_after"] for r in rows)
     advice = [n for n in kept.calibration["notes"] if "would keep clearly more" in n]
     kept_median = sorted(r["error_after"] for r in rows)[1]
     auto_median = sorted(r["auto_error"] for r in rows)[1]
