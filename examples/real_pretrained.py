@@ -145,9 +145,10 @@ SHOTS = (17, 17, 16)
 
 @contextlib.contextmanager
 def global_state_kept():
-    """TransNetV2's constructor seeds every RNG and turns on deterministic algorithms for the process."""
+    """TransNetV2's constructor seeds every RNG and turns on deterministic algorithms (and cuDNN's flags)."""
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         yield
     finally:
@@ -155,6 +156,7 @@ def global_state_kept():
         np.random.set_state(rng[1])
         random.setstate(rng[2])
         torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 def video():

