@@ -199,3 +199,23 @@ def test_a_recipe_without_check_is_checked_by_what_its_replacements_keep(tmp_pat
     assert "check (interface): passed" in capsys.readouterr().out and out.exists()
     assert main(["apply", str(frozen), "models:ConvBN", "-o", str(tmp_path / "f.safetensors")]) == 0
     assert "check (numeric): passed" in capsys.readouterr().out
+
+
+class CastsItsInput(nn.Module):
+    """Takes uint8 images and casts them itself: float64 copies of it cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x.float() / 255))
+
+
+def test_a_model_that_casts_its_input_is_checked_in_its_own_dtype():
+    model = CastsItsInput().eval()
+    randomize_bn(model, (4, 3, 8, 8))
+    x = torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8)
+    folded, report = normswap.fold(model, example_inputs=x, return_report=True)
+    assert report.check["ok"] and report.check["dtype"] == "float32"
+    assert any("float64 copies could not run" in n for n in report.check["notes"])
