@@ -97,6 +97,8 @@ def func_name(func: Any) -> str:
         owner = getattr(func, "__self__", None)
         return f"Tensor.{getattr(owner, '__name__', '?')}"
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    if "<locals>" in name and getattr(func, "__name__", None):  # a generated wrapper (F.max_pool2d's dispatch)
+        name = func.__name__
     if getattr(func, "__module__", None) == "torch.nn.functional":
         return f"F.{name}"
     return (name.replace("_VariableFunctionsClass.", "torch.")

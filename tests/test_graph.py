@@ -138,3 +138,12 @@ def test_recording_frees_intermediates_as_a_plain_forward_does():
     convs = [n for n in flow.graph.nodes if n.op == "call_module"]
     assert len(convs) == 6 and all(len(users_of(n)) == 1 for n in convs)  # the data flow is still complete
     assert describe(users_of(convs[2])[0]).endswith("relu")
+
+
+def test_generated_torch_wrappers_are_named_by_their_function():
+    """F.max_pool2d is a generated dispatch wrapper; reasons name it, not boolean_dispatch.<locals>.fn."""
+    import torch.nn.functional as F
+
+    from normswap.graph import func_name
+
+    assert func_name(F.max_pool2d) == "F.max_pool2d" and func_name(F.relu) == "F.relu"
