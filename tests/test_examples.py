@@ -61,3 +61,13 @@ def test_calibrated_swap_starts_where_the_original_was(tmp_path, capsys):
              for line in out.splitlines() if line.startswith("GroupNorm, ")}
     assert start["calibrated"] > start["uncalibrated"] + 0.05, out
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quickstart_the_demo_prints_80_columns(capsys):
+    import quickstart
+
+    assert quickstart.main() == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "bn_to_gn on ResNet: swapped 20 BatchNorm2d → GroupNorm"
+    assert "interface check: passed: outputs and gradients" in out
+    assert all(len(line) <= 80 and line == line.rstrip() for line in out)
