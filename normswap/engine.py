@@ -14,7 +14,7 @@ import functools
 import gc
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -253,11 +253,12 @@ class _Planner:
         """A ``type:`` naming no class anywhere, or a ``path:`` list none of whose globs selects any module, is
         almost certainly a typo: an error with the nearest names. Anything else that matches nothing (a class
         this model lacks, a family it has none of) stays a note in the report."""
-        known = _known_class_names(self.model)
+        known = None  # the class names to compare with, gathered only when a rule names a type
         paths = list(self.layers)
         for rule in self.recipe.rules:
             where = f"{self.recipe.source}" + (f":{rule.line}" if rule.line else "")
             for name in rule.selector.types:
+                known = known if known is not None else _known_class_names(m for m, _ in self.walk)
                 if name not in known and not _importable_class(name):
                     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
                     hint = f"did you mean '{close[0]}'? " if close else ""
@@ -284,9 +285,9 @@ def _library_class_names() -> frozenset[str]:
     return frozenset(n for ns in (nn, timm.layers, layers) for n in dir(ns) if isinstance(getattr(ns, n, None), type))
 
 
-def _known_class_names(model: nn.Module) -> set[str]:
+def _known_class_names(modules: Iterable[nn.Module]) -> set[str]:
     names = set(_library_class_names())
-    for cls in {type(m) for m in model.modules()}:
+    for cls in {type(m) for m in modules}:
         for c in cls.__mro__:
             names.update((c.__name__, f"{c.__module__}.{c.__qualname__}"))
     return names

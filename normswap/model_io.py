@@ -142,8 +142,8 @@ def _pretrained(spec: str, build: Callable[[], nn.Module], where: str) -> nn.Mod
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build()
-    except (RuntimeError, ValueError) as e:
-        if "Unknown model" in str(e) or isinstance(e, ValueError) and "weights" in str(e).lower():
+    except RuntimeError as e:
+        if "Unknown model" in str(e):  # a misspelled name, reported by the caller with the nearest ones
             raise
         raise _not_reachable(spec, where, e) from None
     except Exception as e:  # noqa: BLE001 - the hub client's offline / not-found errors are many classes
