@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import yaml
 
 from ._version import __version__
+from .devices import device_named, torch_device_name
 from .errors import CheckFailedError, InputSpecError, NormswapError, OutputError
 from .inputs import cli_input_size
 from .model_io import EXPORT_SUFFIX, Loaded, load_inputs, resolve_output, save_model, sidecar_path
@@ -47,6 +48,13 @@ def _model_args(p: argparse.ArgumentParser, name: str = "model") -> None:
     p.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="WEIGHTS",
                    help="load a spec's pretrained weights through timm / torchvision and their caches (the first "
                         "run downloads them); WEIGHTS: a torchvision weights name, e.g. IMAGENET1K_V2")
+    _device_arg(p)
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where the model runs: analysis, fold arithmetic, calibration and the check (default cpu); "
+                        "files are written from the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +174,7 @@ def _add_check(sub) -> None:
     p.add_argument("--rtol", type=float, help="relative tolerance (default by dtype: float32 1e-5, float16 1e-2)")
     p.add_argument("--atol", type=float, help="absolute tolerance (default 0)")
     p.add_argument("--float64", action="store_true", help="compare float64 copies of both models")
+    _device_arg(p)
     p.add_argument("--layers", action="store_true", help="record every layer even when the outputs agree")
     p.add_argument("--plot", metavar="FILE.png", help="draw the per-layer error along the network (needs matplotlib)")
     p.add_argument("--json", action="store_true")
@@ -196,10 +205,14 @@ def _params(items: list[str]) -> dict[str, Any]:
 
 
 def _load(args, source: str | None = None) -> Loaded:
+    device = device_named(args.device)  # before loading: a missing GPU should not cost a download
     loaded = load_input(
         source or args.model, arch=args.arch, weights=getattr(args, "weights", None),
         trust_pickle=args.trust_pickle, ema=getattr(args, "ema", False), pretrained=getattr(args, "pretrained", False),
     )
+    if device.type != "cpu":
+        loaded.model.to(device)
+        loaded.notes.append(f"ran on {device} ({torch_device_name(device)}); files are written from the CPU")
     if getattr(args, "input_size", None):
         loaded.input_size = list(cli_input_size(args.input_size, loaded.model))
     return loaded
@@ -288,6 +301,7 @@ def _write(done: Rewrite, out: Path, loaded: Loaded, export: str | None, eval_mo
     """Export (verified) if asked, then save the model and its sidecar; what went wrong, if the export differs."""
     data = None
     report = done.report
+    done.model.to("cpu")  # a file that loads on any machine; the export is traced and verified there too
     if export is not None:
         from .inputs import make_inputs
         from .verify.export import export_verified
@@ -368,6 +382,8 @@ def cmd_recalibrate(args) -> int:
         model, report = recalibrate(loaded.model, shard, max_samples=args.max_samples, return_report=True,
                                     progress=not args.no_progress and not args.json and sys.stderr.isatty())
         if rank == 0:
+            model.to("cpu")
+            report.notes[:0] = loaded.notes
             step = {"recalibrate": {"samples": report.samples, "mode": report.mode,
                                     "source": args.data or args.tensors or f"random x {args.random}"}}
             save_model(model, out, loaded, [step], report.to_json())
@@ -434,9 +450,12 @@ def cmd_check(args) -> int:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise OutputError(f"cannot write the plot {args.plot}: {Path(args.plot).parent} is not a directory",
                             fix="give a path in an existing directory")
+    device = device_named(args.device)
     inputs = load_inputs(args.inputs) if args.inputs else None
     ref = load_input(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
     cand = load_input(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
+    ref.model.to(device)
+    cand.model.to(device)
     import torch
 
     input_size = cli_input_size(args.input_size, ref.model) if args.input_size else None
@@ -447,6 +466,8 @@ def cmd_check(args) -> int:
         dtype=torch.float64 if args.float64 else None, n_inputs=args.n_inputs,
         layers=True if (args.layers or args.plot) else None,
     )
+    if device.type != "cpu":
+        result.notes.append(f"ran on {device} ({torch_device_name(device)})")
     if args.plot:
         from .verify.plot import plot_layers
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
 from ..fold_math import bn_affine
@@ -330,7 +331,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
 
     if fit not in FITS:
         raise InputSpecError(f"unknown calibration fit {fit!r}", fix=f"use one of {', '.join(FITS)}")
-    data = [as_args(b) for b in batches]
+    data = [to_device(as_args(b), device_of(candidate)) for b in batches]  # the data goes where the model is
     if not data or not all(isinstance(b[0], torch.Tensor) for b in data):
         raise InputSpecError("calibration needs at least one batch of input tensors",
                              fix="pass calibration=[x1, x2, ...] (or --calibrate-data / --calibrate-tensors)")

@@ -47,7 +47,7 @@ def chunk_moments(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     dims = [d for d in range(x.ndim) if d != channel_dim]
     n = x.numel() // x.shape[channel_dim] if x.numel() else 0
     if n == 0:
-        zeros = torch.zeros(x.shape[channel_dim], dtype=torch.float64)
+        zeros = torch.zeros(x.shape[channel_dim], dtype=torch.float64, device=x.device)
         return Moments(0.0, zeros, zeros.clone())
     x = x.detach()
     if x.dtype in (torch.float16, torch.bfloat16):

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
 from ..inputs import as_args
@@ -106,7 +107,8 @@ def _all_reduce_int(value: int, group, op: str = "sum") -> int:
 
     if _world(group)[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    nccl = dist.get_backend(group) == "nccl"  # NCCL reduces CUDA tensors only
+    t = torch.tensor([value], dtype=torch.int64, device=torch.cuda.current_device() if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=group)
     return int(t.item())
 
@@ -286,7 +288,7 @@ def recalibrate(
         raise InputSpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(max_samples, int) or max_samples < 1:
         raise InputSpecError(f"max_samples must be a positive integer, got {max_samples!r}")
-    data = _batches(batches)
+    data = to_device(_batches(batches), device_of(model))  # the data goes where the model is
     rank, world = _world(group)
     if _all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
         raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if world > 1 else ""),

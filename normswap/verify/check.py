@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..fold_map import FoldLink
 from ..inputs import as_args, make_inputs, model_dtype_device
@@ -206,9 +207,8 @@ def _leaf_names(out: Any) -> list[str]:
 def _input_list(reference: nn.Module, inputs: Any, input_size, n_inputs: int, seed: int, batch: int) -> list[tuple]:
     if inputs is None:
         return [as_args(make_inputs(reference, input_size, batch=batch, seed=seed + i)) for i in range(n_inputs)]
-    if isinstance(inputs, list):
-        return [as_args(x) for x in inputs]
-    return [as_args(inputs)]
+    device = device_of(reference)  # the user's inputs go where the model is
+    return [to_device(as_args(x), device) for x in (inputs if isinstance(inputs, list) else [inputs])]
 
 
 def _cast(args: tuple, dtype: torch.dtype | None) -> tuple:
@@ -297,7 +297,7 @@ def _perturbed(model64: nn.Module, names: set[str], u: float, seed: int) -> nn.M
     gen = torch.Generator().manual_seed(seed)
     for name, t in out.state_dict(keep_vars=True).items():
         if name in names and t.is_floating_point():
-            t.data.mul_(1 + u * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype) - 1))
+            t.data.mul_(1 + u * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype).to(t.device) - 1))
     return out
 
 
