@@ -30,6 +30,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from .calls import as_args, run
 from .errors import InputSpecError
 from .families import family_of
 from .shape_only import STAND_INS, reads_values
@@ -391,7 +392,7 @@ def record(model: nn.Module, example_inputs: Any) -> DataFlow:
     placeholder values), the model's attributes are put back and the pass is redone for real.
     The model is left as it was: hooks are removed and train/eval flags restored.
     """
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args = as_args(example_inputs)
     named = list(model.named_modules(remove_duplicate=False))
     unique = list({id(m): m for _, m in named}.values())
     leaves = [m for m in unique if is_leaf_module(m)]
@@ -442,7 +443,7 @@ def _record(model: nn.Module, named: list[tuple[str, nn.Module]], leaves: list[n
                 node.meta["shape"] = tuple(leaf.shape)
                 rec.bind(leaf, node)
         with torch.no_grad(), rec:
-            out = model(*args)
+            out = run(model, args)
         if guard is not None and guard.changed():
             raise _StateChanged()
         outputs = pytree.tree_map(lambda x: rec.node_for(x) if isinstance(x, torch.Tensor) else None, out)

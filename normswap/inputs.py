@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -88,7 +88,3 @@ def make_inputs(
     mdtype, device = model_dtype_device(model)
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype or mdtype)
-
-
-def as_args(inputs: Any) -> tuple:
-    return inputs if isinstance(inputs, tuple) else (inputs,)

@@ -327,7 +327,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
     The last eighth of the batches (at least one, when there are two or more) is
     held back to measure how much of the original function survived.
     """
-    from ..inputs import as_args
+    from ..calls import as_args
 
     if fit not in FITS:
         raise InputSpecError(f"unknown calibration fit {fit!r}", fix=f"use one of {', '.join(FITS)}")

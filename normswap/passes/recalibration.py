@@ -28,10 +28,10 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ..calls import as_args
 from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
-from ..inputs import as_args
 from .lockstep import Lockstep, Stop
 from .moments import Moments, chunk_moments, combine_all
 

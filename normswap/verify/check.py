@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..calls import as_args, run
 from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..fold_map import FoldLink
-from ..inputs import as_args, make_inputs, model_dtype_device
+from ..inputs import make_inputs, model_dtype_device
 from .layerwise import Layerwise, compare_layers
 from .metrics import (
     cosine,
@@ -350,7 +351,7 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
             if lw is not None and b_i == 0:
                 ref_out, cand_out = lw.reference_output, lw.candidate_output
             else:
-                ref_out, cand_out = ref(*cargs), cand(*cargs)
+                ref_out, cand_out = run(ref, cargs), run(cand, cargs)
             ref_leaves, ref_spec = _leaves(ref_out)
             cand_leaves, cand_spec = _leaves(cand_out)
             if ref_spec != cand_spec or len(ref_leaves) != len(cand_leaves):
@@ -358,9 +359,9 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
                 structure_ok = False
                 break
             if noisy is not None:
-                for r, n in zip(ref_leaves, _leaves(noisy(*cargs))[0]):
+                for r, n in zip(ref_leaves, _leaves(run(noisy, cargs))[0]):
                     floor = max(floor, _rel(r, n))
-                for r, n in zip(ref_leaves, _leaves(reference(*args))[0]):
+                for r, n in zip(ref_leaves, _leaves(run(reference, args))[0]):
                     native_noise = max(native_noise, _rel(r, n))
             for i, (name, r, c) in enumerate(zip(_leaf_names(ref_out), ref_leaves, cand_leaves)):
                 _compare_leaf(result, stats, name, b_i, r, c, first=i == 0)
@@ -492,8 +493,8 @@ def _interface(reference, candidate, inputs, input_size, seed) -> CheckResult:
     args = _input_list(reference, inputs, input_size, 1, seed, batch=2)[0]
     result = CheckResult(ok=True, mode="interface", inputs=[_shape_of(args)])
     with torch.no_grad(), eval_mode(reference, candidate):
-        ref_leaves, ref_spec = _leaves(reference(*args))
-        cand_leaves, cand_spec = _leaves(candidate(*args))
+        ref_leaves, ref_spec = _leaves(run(reference, args))
+        cand_leaves, cand_spec = _leaves(run(candidate, args))
     if ref_spec != cand_spec:
         result.problems.append(f"output structure differs: {ref_spec} vs {cand_spec}")
     for i, (r, c) in enumerate(zip(ref_leaves, cand_leaves)):
@@ -525,7 +526,7 @@ def _grads(model: nn.Module, args: tuple) -> dict[str, str]:
     work = copy.deepcopy(model).train()
     for p in work.parameters():
         p.grad = None
-    leaves, _ = _leaves(work(*args))
+    leaves, _ = _leaves(run(work, args))
     loss = sum(x.float().square().mean() for x in leaves if x.is_floating_point() and x.requires_grad)
     if isinstance(loss, torch.Tensor):
         loss.backward()

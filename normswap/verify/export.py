@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..calls import as_args
 from ..errors import NormswapError
-from ..inputs import as_args
 from ..model_io import EXPORT_SUFFIX
 
 FORMATS = EXPORT_SUFFIX

@@ -215,12 +215,12 @@ class _Comparison:
         cand_units = {id(m): p for p, m in self.cand_modules.items() if m is not None}
         run = _Run(self.candidate, cand_units, self.on_candidate)
         try:
-            self.result.candidate_output = self.candidate(*args)
+            self.result.candidate_output = run(self.candidate, args)
         finally:
             run.remove()
         self.ref_run = _Run(self.reference, self.units, self.on_reference)
         try:
-            self.result.reference_output = self.reference(*args)
+            self.result.reference_output = run(self.reference, args)
         finally:
             self.ref_run.remove()
         never = sorted(p for p in self.paths if p not in self.ref_calls)
