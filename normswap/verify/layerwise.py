@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..calls import run
 from ..families import family_of
 from ..fold_map import FoldLink
 from ..fold_math import bn_affine
@@ -213,11 +214,11 @@ class _Comparison:
 
     def run(self, args: tuple) -> Layerwise:
         cand_units = {id(m): p for p, m in self.cand_modules.items() if m is not None}
-        run = _Run(self.candidate, cand_units, self.on_candidate)
+        recording = _Run(self.candidate, cand_units, self.on_candidate)
         try:
             self.result.candidate_output = run(self.candidate, args)
         finally:
-            run.remove()
+            recording.remove()
         self.ref_run = _Run(self.reference, self.units, self.on_reference)
         try:
             self.result.reference_output = run(self.reference, args)
