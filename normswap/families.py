@@ -3,6 +3,9 @@
 Families list exact classes on purpose. A subclass of BatchNorm2d with its own
 forward may compute something else, so it is matched only when a rule says
 ``include_subclasses: true``; otherwise it is listed in the report as skipped.
+The one exception: a norm-like class no list names (Hugging Face's per-model
+RMSNorms, T5LayerNorm) joins ``layernorm`` or ``rmsnorm`` when its output on a
+probe input shows which it computes (``norm_probe``).
 """
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ import functools
 
 import torch.nn as nn
 
+from .norm_probe import is_norm_like, probe
+
 
 @functools.lru_cache(maxsize=None)
 def family_classes() -> dict[str, tuple[type, ...]]:
+    import timm.layers as tl
     from timm.layers import norm_act
     from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d
 
@@ -27,7 +33,9 @@ def family_classes() -> dict[str, tuple[type, ...]]:
         ),
         "frozen_batchnorm": (TvFrozenBatchNorm2d, norm_act.FrozenBatchNormAct2d),
         "groupnorm": (nn.GroupNorm, norm_act.GroupNormAct, norm_act.GroupNorm1Act),
-        "layernorm": (nn.LayerNorm, norm_act.LayerNormAct, norm_act.LayerNormAct2d),
+        "layernorm": (nn.LayerNorm, tl.LayerNorm, tl.LayerNorm2d, tl.LayerNormFp32, tl.LayerNorm2dFp32,
+                      norm_act.LayerNormAct, norm_act.LayerNormAct2d),
+        "rmsnorm": (nn.RMSNorm, tl.RmsNorm, tl.RmsNorm2d, tl.RmsNormFp32, tl.RmsNorm2dFp32),
         "instancenorm": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
         "conv": (
             nn.Conv1d,
@@ -41,17 +49,21 @@ def family_classes() -> dict[str, tuple[type, ...]]:
     }
 
 
-NORM_FAMILIES = ("batchnorm", "frozen_batchnorm", "groupnorm", "layernorm", "instancenorm")
+NORM_FAMILIES = ("batchnorm", "frozen_batchnorm", "groupnorm", "layernorm", "rmsnorm", "instancenorm")
 
 # Base classes whose subclasses are "near misses" of a family: reported, not matched.
 _FAMILY_BASES = {
     "batchnorm": (nn.modules.batchnorm._BatchNorm,),
     "groupnorm": (nn.GroupNorm,),
     "layernorm": (nn.LayerNorm,),
+    "rmsnorm": (nn.RMSNorm,),
     "instancenorm": (nn.modules.instancenorm._InstanceNorm,),
     "conv": (nn.modules.conv._ConvNd,),
     "linear": (nn.Linear,),
 }
+
+
+_ALL_BASES = tuple(c for bases in _FAMILY_BASES.values() for c in bases)
 
 
 def built_class(module: nn.Module) -> type:
@@ -63,21 +75,28 @@ def built_class(module: nn.Module) -> type:
 
 
 def family_of(module: nn.Module) -> str | None:
-    """The family whose exact classes include the module's class (looking through parametrization), or None."""
+    """The family whose exact classes include the module's class (looking through parametrization), or None;
+    for a norm-like class no family lists, the family its output on a probe shows (``norm_probe``)."""
     cls = built_class(module)
     for name, classes in family_classes().items():
         if cls in classes:
             return name
+    if is_norm_like(module) and not isinstance(module, _ALL_BASES):
+        form = probe(module)
+        return form.family if form is not None else None
     return None
 
 
 def near_family_of(module: nn.Module) -> str | None:
-    """The family a module subclasses without being one of its exact classes."""
+    """The family a module subclasses without being one of its exact classes; ``unidentified_norm`` for a
+    norm-like class whose output matches no known form."""
     if family_of(module) is not None:
         return None
     for name, bases in _FAMILY_BASES.items():
         if isinstance(module, bases):
             return name
+    if is_norm_like(module):
+        return "unidentified_norm"
     return None
 
 

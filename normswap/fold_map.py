@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("into", "folded", "next", "before")
+KINDS = ("into", "folded", "next", "before", "normalized", "absorbs")
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,10 @@ class FoldLink:
     """A row of the folded model equals the reference's row through a BN's affine y = s·x + t along ``axis``.
 
     kind: "into" (the conv/linear that absorbed the BN), "folded" (what is left of the BN), "next" (the layer
-    that absorbed the BN on its input), "before" (the BN folded into the next layer).
+    that absorbed the BN on its input), "before" (the BN folded into the next layer); for a LayerNorm/RMSNorm
+    whose affine went into its readers (``bn`` is then the norm's path, (s, t) its γ and the β folded):
+    "normalized" (the norm, now without affine: its output is the reference's through the inverse affine)
+    and "absorbs" (a reader: run on the reference's input through the inverse affine).
     """
 
     kind: str
@@ -34,6 +37,8 @@ class FoldLink:
             "folded": f"folded away: compared on the reference's input through {self.bn}'s affine",
             "next": f"holds {self.bn} folded into its input: run on {self.bn}'s input",
             "before": "folded into the next layer: should pass its input through",
+            "normalized": f"affine folded into its readers: compared through the inverse of {self.bn}'s affine",
+            "absorbs": f"holds {self.bn}'s affine on its input: run on the reference's input through its inverse",
         }[self.kind]
 
 

@@ -25,6 +25,15 @@ def bn_affine(mean, var, weight, bias, eps: float) -> tuple[torch.Tensor, torch.
     return s, t
 
 
+def norm_affine(weight, bias, offset: float, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(γ, β) in float64 of a LayerNorm/RMSNorm y = n(x)·(offset + weight) + bias; either may be None."""
+    ref = weight if weight is not None else bias
+    gamma = torch.full((channels,), 1.0, dtype=torch.float64, device=ref.device)
+    if weight is not None:
+        gamma = weight.detach().double().reshape(-1) + offset
+    return gamma, (bias.detach().double().reshape(-1) if bias is not None else None)
+
+
 # Elements per float64 chunk in ``scale_into``: 2 MiB, about one core's L2 cache here, so the three
 # passes over a chunk stay in cache; large enough that the per-chunk overhead does not matter. One
 # pass over a whole weight through a fresh float64 tensor of its size costs 10x more, in page faults

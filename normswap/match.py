@@ -14,6 +14,7 @@ from fnmatch import fnmatchcase
 import torch.nn as nn
 
 from .families import channels_of, family_classes, family_of, near_family_of
+from .norm_probe import why_unidentified
 
 
 @functools.lru_cache(maxsize=4096)
@@ -87,6 +88,8 @@ class Selector:
         if self.include_subclasses or not self.families:
             return None
         fam = near_family_of(module)
+        if fam == "unidentified_norm" and {"layernorm", "rmsnorm"} & set(self.families):
+            return why_unidentified(module)
         if fam in self.families:
             return (
                 f"{type(module).__module__}.{type(module).__qualname__} subclasses a {fam} class "

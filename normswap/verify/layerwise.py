@@ -264,6 +264,11 @@ class _Comparison:
             return a, [channel_affine(y, link.s, link.t, link.axis % y.ndim) for y in ref_out]
         if link.kind == "folded":
             return (channel_affine(a[0], link.s, link.t, 1), *a[1:]), ref_out
+        if link.kind in ("normalized", "absorbs"):  # y = n·s + t  ->  n = (y - t) / s
+            inv_s, inv_t = 1.0 / link.s, -link.t / link.s
+            if link.kind == "normalized":
+                return a, [channel_affine(y, inv_s, inv_t, link.axis % y.ndim) for y in ref_out]
+            return (channel_affine(a[0], inv_s, inv_t, link.axis % a[0].ndim), *a[1:]), ref_out
         if link.kind == "before":
             self.bn_inputs[path] = _clone(a)
             return a, _tensors(a)[:1]
