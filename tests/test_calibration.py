@@ -45,6 +45,7 @@ def test_calibrated_swap_keeps_the_original_function(digits, recipe):
     assert plain_agree < 0.95 and plain_acc < accuracy - 0.05  # without calibration the swap costs predictions
     cal = report.calibration
     assert cal["fit"] == "least_squares" and cal["held_back"] == 1 and len(cal["layers"]) == 3
+    assert (cal["batches"], cal["samples"], cal["world_size"]) == (8, 256, 1)
     assert all(r["error_after"] < r["error_before"] for r in cal["layers"])
     assert cal["fidelity"]["top1_after"] >= cal["fidelity"]["top1_before"]
     assert cal["fidelity"]["cosine_after"] > 0.98 > cal["fidelity"]["cosine_before"]

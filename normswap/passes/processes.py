@@ -19,16 +19,27 @@ def world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+def device(group=None) -> torch.device:
+    """Where the group's collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gathered(t: torch.Tensor, group=None) -> list[torch.Tensor]:
-    """``t`` from every process, in rank order (every process passes a tensor of the same shape); ``[t]`` alone."""
+    """``t`` from every process, in rank order, on ``t``'s device (every process passes a tensor of the same
+    shape and dtype); ``[t]`` on one process."""
     import torch.distributed as dist
 
     size = world(group)[1]
     if size == 1:
         return [t]
-    parts = [torch.empty_like(t) for _ in range(size)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
+    sent = t.to(device(group)).contiguous()
+    parts = [torch.empty_like(sent) for _ in range(size)]
+    dist.all_gather(parts, sent, group=group)
+    return [p.to(t.device) for p in parts]
 
 
 def summed(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -46,6 +57,6 @@ def all_reduce_int(value: int, group=None, op: str = "sum") -> int:
 
     if world(group)[1] == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=group)
     return int(t.item())
