@@ -253,6 +253,21 @@ def test_an_empty_shard_stops_every_process_with_the_fix(digits, tmp_path):
     assert not out.exists()
 
 
+def test_without_calibration_data_process_zero_does_the_rewrite_alone(digits, tmp_path, capsys, monkeypatch):
+    """Only calibration is shared: under torchrun without calibration data, the other processes return at once
+    and process 0 rewrites, writes and says so (no process group is needed, none is started)."""
+    model, _, _, _ = digits
+    sd, out = tmp_path / "digits.pth", tmp_path / "gn.safetensors"
+    torch.save(model.state_dict(), sd)
+    command = ["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--input-size", "1,1,8,8", "-o", str(out)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(command) == 0 and not out.exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(command) == 0 and out.exists()
+    assert "without calibration data process 0 did the whole rewrite" in " ".join(capsys.readouterr().out.split())
+
+
 @pytest.mark.parametrize("groups", [1, 3, 6, 24])
 def test_group_sums_from_channel_moments_match_the_normalized_tensor(groups):
     """The candidate group counts are fitted from per-sample channel moments; they must give the sums of the
