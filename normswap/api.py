@@ -48,7 +48,9 @@ def apply(
     ``calibration``: batches (a list of input tensors) on which each new normalization
     layer's affine is fitted so the swapped model starts where the original was
     (``normswap.passes.calibration``; ``calibration_fit`` picks the fit); the report's
-    ``calibration`` entry says how much of the original function survived.
+    ``calibration`` entry says how much of the original function survived. Under an
+    initialized torch.distributed process group every process calls ``apply`` with its own
+    shard of the batches (at least one) and all get the same model, bit for bit.
     """
     if calibration is not None:
         calibration = list(calibration)

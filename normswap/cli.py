@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a check failed (nothing written), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -224,7 +225,34 @@ def cmd_apply(args) -> int:
         raise OutputError(f"apply writes a model to rewrite or load again (.safetensors or .pt), not {args.output}: "
                           "it has no export", fix="fold it for deployment (normswap fold OUT.safetensors -o "
                                                   f"{Path(args.output).name}), or write .safetensors and export it")
-    return _rewrite(args, recipe, _load(args))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.dry_run or not (args.calibrate_data or args.calibrate_tensors):
+        if launched > 1 and int(os.environ.get("RANK", "0")) != 0:
+            return 0  # only calibration is shared: process 0 does the rest alone, and writes
+        loaded = _load(args)
+        if launched > 1:
+            loaded.notes.append(f"only calibration is shared between processes: without calibration data process 0 "
+                                f"did the whole rewrite, and the other {launched - 1} returned at once")
+        return _rewrite(args, recipe, loaded)
+    with _processes() as shard:
+        return _rewrite(args, recipe, _load(args), shard=shard)
+
+
+@contextlib.contextmanager
+def _processes():
+    """Yields (rank, number of processes). Under torchrun (WORLD_SIZE > 1, no group yet) a gloo group on the CPU
+    for the command's duration, destroyed when it ends, error or not."""
+    import torch.distributed as dist
+
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        started = True
+    try:
+        yield (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def cmd_fold(args) -> int:
@@ -239,8 +267,14 @@ def cmd_fold(args) -> int:
     return _rewrite(args, recipe, loaded, export=export, eval_mode=True)
 
 
-def _rewrite(args, recipe, loaded: Loaded, export: str | None = None, eval_mode: bool = False) -> int:
-    """Plan, apply to a copy, check, and write atomically; nothing is written unless the check passes."""
+def _rewrite(args, recipe, loaded: Loaded, export: str | None = None, eval_mode: bool = False,
+             shard: tuple[int, int] = (0, 1)) -> int:
+    """Plan, apply to a copy, check, and write atomically; nothing is written unless the check passes.
+
+    ``shard``: (rank, processes): each process calibrates on every processes-th batch from its rank on; all
+    get the same model, and only rank 0 writes and prints.
+    """
+    rank, processes = shard
     out = None
     if not args.dry_run:
         out = resolve_output(args.output or _default_output(loaded, recipe.name, export), loaded, export=export)
@@ -252,16 +286,21 @@ def _rewrite(args, recipe, loaded: Loaded, export: str | None = None, eval_mode:
     if batches and input_size is None:
         input_size = tuple(batches[0].shape)  # the data says what the model takes; the sidecar keeps it for replay
         loaded.input_size = list(input_size)
+    if batches is not None:
+        batches = batches[rank::processes]  # an empty shard is calibration's error, on every process alike
     try:
         done = rewrite(loaded.model, recipe, check=not args.no_check, check_mode=getattr(args, "check", None),
                        dry_run=args.dry_run, input_size=input_size,
                        calibration=batches, calibration_fit=getattr(args, "calibrate_fit", "least_squares"),
                        calibration_groups=getattr(args, "calibrate_groups", "keep"))
     except CheckFailedError as failed:
-        failed.report.notes[:0] = loaded.notes
-        _emit(args, failed.report)
-        _check_failed(args, failed.result)
+        if rank == 0:
+            failed.report.notes[:0] = loaded.notes
+            _emit(args, failed.report)
+            _check_failed(args, failed.result)
         return 1
+    if rank != 0:
+        return 0
     report = done.report
     report.notes[:0] = loaded.notes
     failure = None if args.dry_run else _write(done, out, loaded, export, eval_mode, getattr(args, "dynamic", "batch"))
@@ -351,10 +390,6 @@ def cmd_bake(args) -> int:
 
 
 def cmd_recalibrate(args) -> int:
-    import os
-
-    import torch.distributed as dist
-
     from .passes import data as sources
     from .passes.recalibration import recalibrate
 
@@ -362,12 +397,7 @@ def cmd_recalibrate(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputSpecError(f"--{name.replace('_', '-')} {value} must be at least 1")
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # under torchrun: every process takes a shard
-        started = True
-    try:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with _processes() as (rank, world):  # under torchrun: every process takes a shard
         loaded = _load(args)
         out = resolve_output(args.output, loaded)
         size = tuple(loaded.input_size) if loaded.input_size else None
@@ -391,9 +421,6 @@ def cmd_recalibrate(args) -> int:
                 print(json.dumps({**report.to_json(), "output": str(out)}, indent=2))
             else:
                 print("\n".join(report.lines() + [f"wrote {out}"]))
-    finally:
-        if started:
-            dist.destroy_process_group()
     return 0
 
 

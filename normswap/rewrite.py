@@ -64,7 +64,8 @@ def rewrite(
 
     ``check_mode`` (numeric, interface, none) overrides the recipe's ``check``. A failed check raises
     CheckFailedError carrying the result and the report, with the caller's model as it was (an in-place
-    rewrite is rolled back).
+    rewrite is rolled back). ``calibration`` under torch.distributed: this process's own shard; the fit is
+    pooled over every process of the default group, so each gets the same model.
     """
     if check_mode is not None and check_mode not in CHECK_MODES:
         raise InputSpecError(f"unknown check mode {check_mode!r}", fix=f"use one of {', '.join(CHECK_MODES)}")

@@ -1,6 +1,9 @@
 """Calibrated swaps: the new layers' affine fitted so the swapped model keeps the original's function."""
 import copy
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import normswap.passes.calibration
 from normswap.cli import main
 from normswap.errors import NormswapError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
 from digits import DigitsNet, load_split, train  # noqa: E402  (a small BN conv net for 8x8 digits)
 
 
@@ -45,6 +49,7 @@ def test_calibrated_swap_keeps_the_original_function(digits, recipe):
     assert plain_agree < 0.95 and plain_acc < accuracy - 0.05  # without calibration the swap costs predictions
     cal = report.calibration
     assert cal["fit"] == "least_squares" and cal["held_back"] == 1 and len(cal["layers"]) == 3
+    assert (cal["batches"], cal["samples"], cal["world_size"]) == (8, 256, 1)
     assert all(r["error_after"] < r["error_before"] for r in cal["layers"])
     assert cal["fidelity"]["top1_after"] >= cal["fidelity"]["top1_before"]
     assert cal["fidelity"]["cosine_after"] > 0.98 > cal["fidelity"]["cosine_before"]
@@ -156,6 +161,111 @@ def test_cli_calibrate_tensors(digits, tmp_path, capsys):
     assert main(["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors",
                  str(tmp_path / "nope.pt"), "-o", str(tmp_path / "x.pt")]) == 2
     assert "input file" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def _subprocess_env() -> dict:
+    """The package and examples/ (digits:DigitsNet) importable, one thread per process (2 processes share the
+    machine, and float32 convs round alike only with the same thread count)."""
+    paths = [str(ROOT), str(ROOT / "examples"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), "OMP_NUM_THREADS": "1"}
+
+
+def test_two_processes_with_uneven_shards_match_one_process(digits, tmp_path):
+    """torchrun, gloo on the CPU: 5 batches split 3 / 2, each process holding back its last one. The fitted
+    GroupNorms equal one process's fit on the union of the two fit sets within 1e-6, and the held-back figures
+    are those of both held-back batches together."""
+    from safetensors.torch import load_file
+
+    from normswap.passes.calibration import hold_back
+    from normswap.verify.metrics import cosine, top1_matches
+
+    model, x_train, _, _ = digits
+    batches = list(x_train[:80].split(16))
+    sd, data, out = tmp_path / "digits.pth", tmp_path / "cal.pt", tmp_path / "two.safetensors"
+    torch.save(model.state_dict(), sd)
+    torch.save(batches, data)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "normswap", "apply",
+                           "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--calibrate-tensors", str(data),
+                           "-o", str(out)], capture_output=True, text=True, timeout=300, env=_subprocess_env(),
+                          cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = " ".join(proc.stdout.split())  # the report wraps at 80 columns
+    assert printed.count("calibration (least_squares): 3 layer(s) fitted on 3 batch(es), 2 held back, "
+                         "80 sample(s) in all, 2 processes") == 1, printed  # printed once: by process 0
+    splits = [hold_back(batches[rank::2]) for rank in (0, 1)]
+    fitted = splits[0][0] + splits[1][0]  # batches 0, 2 | 1
+    held = splits[0][1] + splits[1][1]  # batches 4 | 3
+    assert [b.data_ptr() for b in fitted + held] == [batches[i].data_ptr() for i in (0, 2, 1, 4, 3)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the two processes
+    try:  # one process holding back one batch after the same three: the same fit set
+        one, report = normswap.apply(model, "bn_to_gn", calibration=fitted + held[:1], return_report=True)
+        plain = normswap.apply(model, "bn_to_gn", input_size=(1, 1, 8, 8))
+        with torch.no_grad():
+            outputs = [[m.eval()(b).double() for b in held] for m in (model, plain, one)]
+    finally:
+        torch.set_num_threads(threads)
+    two = load_file(out)
+    keys = [f"features.{i}.1.{p}" for i in (0, 1, 3) for p in ("weight", "bias")]
+    assert all(not torch.equal(two[k], plain.state_dict()[k]) for k in keys)  # the fit moved them
+    for k in keys:
+        want = one.state_dict()[k].double()
+        assert ((two[k].double() - want).abs().max() / want.abs().max()).item() < 1e-6, k
+    cal = json.loads((tmp_path / "two.safetensors.json").read_text())["report"]["calibration"]
+    assert (cal["batches"], cal["held_back"], cal["samples"], cal["world_size"]) == (5, 2, 80, 2)
+    for mine, single in zip(cal["layers"], report.calibration["layers"]):
+        assert mine["error_after"] == pytest.approx(single["error_after"], rel=1e-6)
+    reference, before, after = outputs
+    hits = [[top1_matches(r, c) for r, c in zip(reference, m)] for m in (before, after)]
+    assert cal["fidelity"] == pytest.approx({
+        "cosine_before": min(cosine(r, c) for r, c in zip(reference, before)),
+        "cosine_after": min(cosine(r, c) for r, c in zip(reference, after)),
+        "top1_before": sum(h for h, _ in hits[0]) / 32, "top1_after": sum(h for h, _ in hits[1]) / 32}, rel=1e-6)
+    assert [n for _, n in hits[0]] == [16, 16]
+
+
+def test_an_empty_shard_stops_every_process_with_the_fix(digits, tmp_path):
+    """One batch over two processes leaves process 1 nothing: both exit 2 with the message and the fix, no
+    traceback, nothing written, no hang. Launched with the environment torchrun gives its workers, not through
+    torchrun, whose own status is 1 and which prints a traceback of its own when a worker fails."""
+    model, x_train, _, _ = digits
+    sd, data, out = tmp_path / "digits.pth", tmp_path / "one.pt", tmp_path / "never.safetensors"
+    torch.save(model.state_dict(), sd)
+    torch.save([x_train[:16]], data)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "normswap", "apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet",
+               "--calibrate-tensors", str(data), "-o", str(out)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**_subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, err in zip(procs, errors):
+        assert p.returncode == 2 and "Traceback" not in err, err
+        assert "calibration: process 1 of 2 has no batch (1 batch(es) over 2 processes)" in err
+        assert "fix: give at least one batch to every process (2 or more in all" in err
+    assert not out.exists()
+
+
+def test_without_calibration_data_process_zero_does_the_rewrite_alone(digits, tmp_path, capsys, monkeypatch):
+    """Only calibration is shared: under torchrun without calibration data, the other processes return at once
+    and process 0 rewrites, writes and says so (no process group is needed, none is started)."""
+    model, _, _, _ = digits
+    sd, out = tmp_path / "digits.pth", tmp_path / "gn.safetensors"
+    torch.save(model.state_dict(), sd)
+    command = ["apply", "bn_to_gn", str(sd), "--arch", "digits:DigitsNet", "--input-size", "1,1,8,8", "-o", str(out)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(command) == 0 and not out.exists() and capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(command) == 0 and out.exists()
+    assert "without calibration data process 0 did the whole rewrite" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("groups", [1, 3, 6, 24])

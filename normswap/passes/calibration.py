@@ -18,6 +18,11 @@ affine). Fits (``fit=``), per channel:
 - ``moments``: the mean and standard deviation of γ·n + β matched to those of z.
 
 Measured in ``docs/calibration.md``: least squares keeps more of the function.
+
+Under torch.distributed each process passes its own shard of the batches: the
+sums of every fit and the held-back figures are gathered and pooled in rank
+order (``processes.py``), so every process fits the same bits and reports the
+same figures.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from ..families import family_of
 from ..fold_math import bn_affine
 from ..verify.metrics import channel_affine, cosine, looks_like_logits, top1_matches
 from .lockstep import Lockstep
+from .processes import gathered, summed
 
 FITS = ("least_squares", "moments")
 GROUP_TOLERANCE = 0.002  # calibration_groups="auto": own error within this of the best count's (see docs)
@@ -47,8 +53,10 @@ SMALL_GROUP = 3  # channels per group at or below which a GroupNorm is close to 
 @dataclass
 class CalibrationReport:
     fit: str
-    batches: int
-    held_back: int
+    batches: int  # over every process, held-back ones included
+    held_back: int  # over every process: each holds back the last eighth of its own batches
+    samples: int = 0  # in all the batches, over every process
+    world_size: int = 1
     layers: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     fidelity: dict = field(default_factory=dict)
@@ -56,13 +64,17 @@ class CalibrationReport:
     group_tolerance: float | None = None  # set when calibration chose the group counts
 
     def to_json(self) -> dict:
-        return {"fit": self.fit, "batches": self.batches, "held_back": self.held_back, "layers": self.layers,
+        return {"fit": self.fit, "batches": self.batches, "held_back": self.held_back, "samples": self.samples,
+                "world_size": self.world_size, "layers": self.layers,
                 "skipped": self.skipped, "fidelity": self.fidelity, "notes": self.notes,
                 "group_tolerance": self.group_tolerance}
 
     def lines(self) -> list[str]:
-        out = [f"calibration ({self.fit}): {len(self.layers)} layer(s) fitted on {self.batches - self.held_back} "
-               f"batch(es), {self.held_back} held back"]
+        head = (f"calibration ({self.fit}): {len(self.layers)} layer(s) fitted on {self.batches - self.held_back} "
+                f"batch(es), {self.held_back} held back, {self.samples} sample(s) in all")
+        if self.world_size > 1:
+            head += f", {self.world_size} processes (each holds back the last eighth of its own batches)"
+        out = [head]
         if self.layers:
             before = statistics.median_high(r["error_before"] for r in self.layers)
             after = statistics.median_high(r["error_after"] for r in self.layers)
@@ -127,14 +139,6 @@ def _sums(n: torch.Tensor, z: torch.Tensor | None, axis: int) -> torch.Tensor:
     if z is not None:
         rows += [z.sum(dims).double(), (z * z).sum(dims).double(), (n * z).sum(dims).double()]
     return torch.stack(rows)
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, group=group)
-    return t
 
 
 def _fit(s: torch.Tensor, target: torch.Tensor, fit: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,12 +229,22 @@ def _outputs(model: nn.Module, batches: list[tuple]) -> list[torch.Tensor]:
         return [_leaves(model(*b))[0][0].detach().double() for b in batches]
 
 
-def _fidelity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float | None]:
-    cos = min(cosine(r, c) for r, c in zip(reference, candidate))
-    if not all(looks_like_logits(r) for r in reference):
-        return cos, None
-    hits = [top1_matches(r, c) for r, c in zip(reference, candidate)]
-    return cos, sum(h for h, _ in hits) / sum(n for _, n in hits)
+def _fidelity(reference: list[torch.Tensor], before: list[torch.Tensor], after: list[torch.Tensor],
+              group) -> dict:
+    """Cosine (the lowest of any held-back batch) and top-1 agreement (hits over samples, for logits) before and
+    after, over every process's held-back batches: what one process holding them all back would report."""
+    logits = all(looks_like_logits(r) for r in reference)
+    mine = [len(reference), float(logits)]
+    for candidate in (before, after):  # per process: [lowest cosine, top-1 hits, samples compared]
+        hits = [top1_matches(r, c) for r, c in zip(reference, candidate)] if logits else []
+        mine += [min((cosine(r, c) for r, c in zip(reference, candidate)), default=math.inf),
+                 sum(h for h, _ in hits), sum(n for _, n in hits)]
+    rows = torch.stack(gathered(torch.tensor(mine, dtype=torch.float64), group))
+    rows = rows[rows[:, 0] > 0]  # the processes that held some back (at least one did, or this is not called)
+    top1 = bool((rows[:, 1] > 0).all())
+    return {"cosine_before": rows[:, 2].min().item(), "cosine_after": rows[:, 5].min().item(),
+            "top1_before": rows[:, 3].sum().item() / rows[:, 4].sum().item() if top1 else None,
+            "top1_after": rows[:, 6].sum().item() / rows[:, 7].sum().item() if top1 else None}
 
 
 def swaps_to_calibrate(plan, have_data: bool) -> dict[str, nn.Module]:
@@ -324,21 +338,21 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
     """Fit the affine of each new layer of ``candidate`` in place (see the module docstring).
 
     ``swaps``: path -> the original layer it replaced. ``original`` is only read.
-    The last eighth of the batches (at least one, when there are two or more) is
-    held back to measure how much of the original function survived.
+    The last eighth of the batches is held back (``hold_back``) to measure how
+    much of the original function survived. Under torch.distributed (``group``,
+    or the default group) each process passes its own shard and gets the same
+    fit; every process must call this, with at least one batch.
     """
     from ..calls import as_args
 
     if fit not in FITS:
         raise InputSpecError(f"unknown calibration fit {fit!r}", fix=f"use one of {', '.join(FITS)}")
     data = [to_device(as_args(b), device_of(candidate)) for b in batches]  # the data goes where the model is
-    if not data or not all(isinstance(b[0], torch.Tensor) for b in data):
-        raise InputSpecError("calibration needs at least one batch of input tensors",
-                             fix="pass calibration=[x1, x2, ...] (or --calibrate-data / --calibrate-tensors)")
-    held = max(1, math.ceil(len(data) / 8)) if len(data) >= 2 else 0
-    fit_on, held_back = data[: len(data) - held], data[len(data) - held:]
-    report = CalibrationReport(fit, len(data), held, group_tolerance=tolerance if groups and tolerance is not None
-                               else None)
+    fit_on, held_back = hold_back(data)
+    shards = _shards(data, len(held_back), group)
+    batches_in_all, held_in_all, samples = (int(v) for v in shards[:, :3].sum(0))
+    report = CalibrationReport(fit, batches_in_all, held_in_all, samples, len(shards),
+                               group_tolerance=tolerance if groups and tolerance is not None else None)
     targets: dict[nn.Module, dict] = {}
     for path, old in swaps.items():
         new = candidate.get_submodule(path)
@@ -369,19 +383,49 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
     return report
 
 
+def hold_back(batches: list) -> tuple[list, list]:
+    """(the batches to fit on, the last eighth held back: at least one when there are two or more).
+
+    Under torch.distributed each process splits its own shard: 5 batches over 2
+    processes (3 and 2) hold back one each, 2 in all; one process with all 5 holds back 1.
+    """
+    held = max(1, math.ceil(len(batches) / 8)) if len(batches) >= 2 else 0
+    return batches[: len(batches) - held], batches[len(batches) - held:]
+
+
+def _shards(data: list[tuple], held: int, group) -> torch.Tensor:
+    """Each process's [batches, held back, samples, all input tensors] (rows in rank order), checked alike on
+    every process, so a bad shard anywhere stops them all before the fit's first collective."""
+    tensors = all(b and isinstance(b[0], torch.Tensor) for b in data)
+    samples = sum(len(b[0]) if b[0].ndim else 1 for b in data) if tensors else 0
+    shards = torch.stack(gathered(torch.tensor([len(data), held, samples, int(tensors)], dtype=torch.int64), group))
+    processes = len(shards)
+    empty = (shards[:, 0] == 0).nonzero().flatten().tolist()
+    if processes > 1 and empty:
+        raise InputSpecError(f"calibration: process {empty[0]} of {processes} has no batch "
+                             f"({int(shards[:, 0].sum())} batch(es) over {processes} processes)",
+                             fix=f"give at least one batch to every process ({processes} or more in all; "
+                                 "CLI: more data or a smaller --calibrate-batch-size)")
+    not_tensors = (shards[:, 3] == 0).nonzero().flatten().tolist()
+    if empty or not_tensors:
+        where = f" (process {not_tensors[0]} of {processes})" if processes > 1 else ""
+        raise InputSpecError(f"calibration needs at least one batch of input tensors{where}",
+                             fix="pass calibration=[x1, x2, ...] (or --calibrate-data / --calibrate-tensors)")
+    return shards
+
+
 def _run(original, candidate, targets, fit_on, held_back, fit, group, report) -> None:
+    """Fit, then the held-back figures; every process takes every collective in the same order (the fidelity's
+    whenever any process held batches back, its own held-back list empty or not)."""
     from ..verify.check import eval_mode
 
     with torch.no_grad(), eval_mode(original, candidate):
-        before = _outputs(candidate, held_back) if held_back else []
-        reference = _outputs(original, held_back) if held_back else []
+        before = _outputs(candidate, held_back)
+        reference = _outputs(original, held_back)
         _fit_in_lockstep(original, candidate, targets, fit_on, fit, group, report)
         _advice(report)
-        if held_back:
-            after = _outputs(candidate, held_back)
-            cos_b, top_b = _fidelity(reference, before)
-            cos_a, top_a = _fidelity(reference, after)
-            report.fidelity = {"cosine_before": cos_b, "cosine_after": cos_a, "top1_before": top_b, "top1_after": top_a}
+        if report.held_back:
+            report.fidelity = _fidelity(reference, before, _outputs(candidate, held_back), group)
             _explain(report, targets)
 
 
@@ -424,7 +468,7 @@ def _fit_in_lockstep(original, candidate, targets, data, fit, group, report) -> 
             if t["counts"]:
                 gamma, beta, groups = _fit_group_norm(module, t, parts, half, fit, group, row)
             else:
-                s = _all_reduce(sum(_sums(n, z, t["axis"]) for z, n in pairs), group)
+                s = summed(sum(_sums(n, z, t["axis"]) for z, n in pairs), group)
                 gamma, beta = _fit(s, s[[0, 3, 4]], fit)
                 row["error_before"], row["error_after"] = _error(s, carried_w, carried_b), _error(s, gamma, beta)
                 groups = getattr(module, "num_groups", None)
@@ -450,13 +494,12 @@ def _fit_group_norm(module: nn.Module, t: dict, parts: list, half: int, fit: str
     counts, eps = t["counts"], float(module.eps)
     pairs = [(z, n) for (z, _), n in zip(parts[:half], parts[half:])]
     z_sums = [_z_sums(z) for z, _ in pairs]
-    s_all = _all_reduce(sum(_group_sums(n, z, counts, eps, zs) for (z, n), zs in zip(pairs, z_sums)), group)
+    s_all = summed(sum(_group_sums(n, z, counts, eps, zs) for (z, n), zs in zip(pairs, z_sums)), group)
     fits = [_fit(s, s[[0, 3, 4]], fit) for s in s_all]
     errors = [_error(s, g, b) for s, (g, b) in zip(s_all, fits)]
     built = k = counts.index(module.num_groups)
     if len(counts) > 1:
-        own_s = _all_reduce(sum(_group_sums(x, z, counts, eps, zs) for (z, x), zs in zip(parts[:half], z_sums)),
-                            group)
+        own_s = summed(sum(_group_sums(x, z, counts, eps, zs) for (z, x), zs in zip(parts[:half], z_sums)), group)
         own = [_error(s, *_fit(s, s[[0, 3, 4]], fit)) for s in own_s]
         auto = _choose_groups(own, GROUP_TOLERANCE if t["tolerance"] is None else t["tolerance"])
         if t["tolerance"] is None:  # keeping the recipe's count: what auto would take, for the advice

@@ -34,6 +34,7 @@ from ..errors import InputSpecError, NormswapError
 from ..families import family_of
 from .lockstep import Lockstep, Stop
 from .moments import Moments, chunk_moments, combine_all
+from .processes import all_reduce_int, gathered, world
 
 MAX_FIXED_POINT_PASSES = 10
 
@@ -93,37 +94,12 @@ def _batches(batches: Iterable[Any]) -> list[tuple]:
     return out
 
 
-def _world(group) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def _all_reduce_int(value: int, group, op: str = "sum") -> int:
-    """``value`` summed (or its minimum taken) over every process; itself on one process."""
-    import torch.distributed as dist
-
-    if _world(group)[1] == 1:
-        return value
-    nccl = dist.get_backend(group) == "nccl"  # NCCL reduces CUDA tensors only
-    t = torch.tensor([value], dtype=torch.int64, device=torch.cuda.current_device() if nccl else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM, group=group)
-    return int(t.item())
-
-
 def _pool(parts: list[Moments], group) -> Moments:
     """This process's chunks combined, then every process's, in rank order (the same result on every rank)."""
-    import torch.distributed as dist
-
     local = combine_all(parts)
-    if _world(group)[1] == 1:
+    if world(group)[1] == 1:
         return local
-    t = local.to_tensor()
-    gathered = [torch.empty_like(t) for _ in range(_world(group)[1])]
-    dist.all_gather(gathered, t, group=group)
-    return combine_all([Moments.from_tensor(g) for g in gathered])
+    return combine_all([Moments.from_tensor(g) for g in gathered(local.to_tensor(), group)])
 
 
 @torch.no_grad()
@@ -253,7 +229,7 @@ def _per_layer(model, targets, data: list[tuple], group, show: bool, notes: list
                         model(*batch)
                     except Stop:
                         pass
-            reached = _all_reduce_int(1 if current else 0, group, "min")
+            reached = all_reduce_int(1 if current else 0, group, "min")
             if not reached:
                 break
             passes += 1
@@ -289,18 +265,18 @@ def recalibrate(
     if not isinstance(max_samples, int) or max_samples < 1:
         raise InputSpecError(f"max_samples must be a positive integer, got {max_samples!r}")
     data = to_device(_batches(batches), device_of(model))  # the data goes where the model is
-    rank, world = _world(group)
-    if _all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
-        raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if world > 1 else ""),
+    rank, processes = world(group)
+    if all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
+        raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if processes > 1 else ""),
                              fix="give at least one batch to every process")
     from ..engine import copy_model
 
     work = copy_model(model)
     targets, skipped = _targets(work)
     local = sum(int(b[0].shape[0]) for b in data)
-    samples = _all_reduce_int(local, group)
+    samples = all_reduce_int(local, group)
     one_pass = local <= max_samples
-    one_pass = bool(_all_reduce_int(int(one_pass), group, "min"))
+    one_pass = bool(all_reduce_int(int(one_pass), group, "min"))
     work.eval()
     try:
         run = _one_pass if one_pass else _per_layer
@@ -311,7 +287,7 @@ def recalibrate(
     except Exception as e:
         raise NormswapError(f"recalibration failed in the model's forward: {type(e).__name__}: {e}",
                             fix="check that the batches are inputs this model takes") from None
-    report = RecalibrationReport("one pass" if one_pass else "per layer", passes, samples, world)
+    report = RecalibrationReport("one pass" if one_pass else "per layer", passes, samples, processes)
     before = dict(model.named_buffers())
     for m, path in targets.items():
         if m not in calls:
