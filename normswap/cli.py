@@ -24,6 +24,7 @@ from .recipe import list_recipes, load_recipe, schema_text
 from .report import Report
 from .rewrite import Rewrite, load_input, rewrite
 from .text import wrapped
+from .verify.artifact import open_exported, refuse_exported_reference
 from .verify.check import check as run_check
 from .verify.export import format_for
 
@@ -164,7 +165,8 @@ def _add_check(sub) -> None:
     p = sub.add_parser("check", help="compare two models on the same inputs; name the first layer where they part",
                        description="Exit 0: equivalent; 1: not; 2: bad input.")
     p.add_argument("reference", metavar="REFERENCE", help="the original model (spec or file)")
-    p.add_argument("candidate", metavar="CANDIDATE", help="the rewritten model (spec or file)")
+    p.add_argument("candidate", metavar="CANDIDATE", help="the rewritten model (spec or file), or an exported "
+                   ".onnx / .pt2 file, run in onnxruntime / torch.export")
     p.add_argument("--arch", help="architecture spec for state-dict files")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling whole modules (runs code from the files)")
     p.add_argument("--input-size", help="example input shape, e.g. 2,3,224,224 (default: the model's pretrained_cfg)")
@@ -479,17 +481,21 @@ def cmd_check(args) -> int:
                             fix="give a path in an existing directory")
     device = device_named(args.device)
     inputs = load_inputs(args.inputs) if args.inputs else None
+    refuse_exported_reference(args.reference)
     ref = load_input(args.reference, arch=args.arch, trust_pickle=args.trust_pickle)
-    cand = load_input(args.candidate, arch=args.arch, trust_pickle=args.trust_pickle)
+    exported = open_exported(args.candidate)  # an .onnx or .pt2 file: the deployed model itself is the candidate
+    candidate = exported if exported is not None else load_input(args.candidate, arch=args.arch,
+                                                                 trust_pickle=args.trust_pickle).model
     ref.model.to(device)
-    cand.model.to(device)
+    if exported is None:  # an exported file runs on the CPU; its outputs come back to the device
+        candidate.to(device)
     import torch
 
     input_size = cli_input_size(args.input_size, ref.model) if args.input_size else None
     if input_size is None and inputs is None and ref.input_size:
         input_size = tuple(ref.input_size)
     result = run_check(
-        ref.model, cand.model, inputs, mode=args.mode, rtol=args.rtol, atol=args.atol, input_size=input_size,
+        ref.model, candidate, inputs, mode=args.mode, rtol=args.rtol, atol=args.atol, input_size=input_size,
         dtype=torch.float64 if args.float64 else None, n_inputs=args.n_inputs,
         layers=True if (args.layers or args.plot) else None,
     )

@@ -187,8 +187,12 @@ def _close(name: str, choices: list[str]) -> str:
 # ---------------------------------------------------------------- files
 
 
-def _sniff(path: Path) -> str:
-    """zip-torch | torchscript | pt2 | safetensors | other, from the file's bytes."""
+# ModelProto's fields as their protobuf tags (field number << 3 | wire type): the one that can follow ir_version
+_ONNX_TAGS = {0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA}
+
+
+def sniff(path: Path) -> str:
+    """zip-torch | torchscript | pt2 | safetensors | onnx | other, from the file's bytes."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
@@ -206,7 +210,15 @@ def _sniff(path: Path) -> str:
         n = int.from_bytes(head[:8], "little")
         if 0 < n < (1 << 30) and head[8:9] == b"{":
             return "safetensors"
+    if _looks_like_onnx(head):
+        return "onnx"
     return "other"
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto as every protobuf writer lays it out: field 1 (ir_version, a small varint) first,
+    then another of ModelProto's fields. No torch, pickle or safetensors file starts with byte 0x08."""
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] < 0x80 and head[2] in _ONNX_TAGS
 
 
 def check_readable(path: Path) -> None:
@@ -245,16 +257,18 @@ def load_inputs(path: str | os.PathLike) -> list[tuple]:
 
 def read_object(path: Path, *, trust_pickle: bool) -> Any:
     """The object stored in a torch file; a pickled module only with ``trust_pickle``."""
-    kind = _sniff(path)
+    kind = sniff(path)
     if kind == "torchscript":
         raise ModelLoadError(
             f"{path} is a TorchScript archive; normswap rewrites nn.Module trees",
             fix="load the original model code and its state dict instead (--arch SPEC)",
         )
-    if kind == "pt2":
+    if kind in ("pt2", "onnx"):
+        what = "a torch.export (.pt2) program" if kind == "pt2" else "an ONNX model"
         raise ModelLoadError(
-            f"{path} is a torch.export (.pt2) program, which has no module tree to rewrite",
-            fix="use the model's state dict with --arch SPEC",
+            f"{path} is {what}, which has no module tree to rewrite",
+            fix="use the model's state dict with --arch SPEC (`normswap check MODEL FILE` compares an exported "
+                "file with the PyTorch model)",
         )
     if kind == "safetensors":
         from safetensors.torch import load_file

@@ -19,7 +19,6 @@ import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
 from ..factory import Built, LayerContext, NeighbourEdit, SkipLayer

@@ -24,7 +24,8 @@ from ..calls import as_args, run
 from ..devices import device_of, to_device
 from ..errors import InputSpecError, NormswapError
 from ..fold_map import FoldLink
-from ..inputs import make_inputs, model_dtype_device
+from ..inputs import infer_input_size, make_inputs, model_dtype_device
+from .artifact import ExportedModule
 from .layerwise import Layerwise, compare_layers
 from .metrics import (
     cosine,
@@ -38,6 +39,7 @@ from .metrics import (
 # Default relative tolerance by the models' native dtype (errors are measured in float64 where possible).
 DEFAULT_RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 MODES = ("numeric", "interface", "none")
+CHECK_BATCH = 2  # the batch of generated inputs: 2, so a layer that mixes samples shows
 
 
 @dataclass
@@ -63,6 +65,7 @@ class CheckResult:
     inputs: list[list[int]] = field(default_factory=list)  # shapes of the inputs compared
     layers: list[dict] = field(default_factory=list)  # per-layer rows, in execution order, when recorded
     notes: list[str] = field(default_factory=list)
+    exported: dict | None = None  # the candidate was an exported file: its path, format, runtime and dtype
 
     @property
     def summary(self) -> str:
@@ -94,6 +97,9 @@ class CheckResult:
         if self.mode == "numeric":
             out.append(f"  inputs           {shapes}")
             out.append(f"  compared in      {self.dtype}")
+            if self.exported:
+                e = self.exported
+                out.append(f"  candidate        {e['format']} file run in {e['runtime']}, {e['dtype']}: {e['path']}")
             out.append(f"  max error        abs {self.max_abs:.3g}  rel {self.max_rel:.3g}")
             if self.abs_error:
                 a, r = self.abs_error, self.rel_error
@@ -106,11 +112,15 @@ class CheckResult:
             allowed = f"  allowed          rel {self.threshold:.3g} (rtol {self.rtol:.3g}"
             if self.rounding_floor:
                 allowed += f"; {NOISE_MULTIPLE:g} x rounding floor {self.rounding_floor:.3g}"
+            if self.exported and self.noise_floor:
+                allowed += f"; {NOISE_MULTIPLE:g} x native noise, the file computing in {self.exported['dtype']}"
             if self.atol:
                 allowed += f"; atol {self.atol:.3g}"
             out.append(allowed + ")")
             if self.noise_floor:
-                out.append(f"  native noise     {self.noise_floor:.3g} (the reference's own forward vs float64)")
+                run = (f"the reference run in {self.exported['dtype']}" if self.exported
+                       else "the reference's own forward")
+                out.append(f"  native noise     {self.noise_floor:.3g} ({run} vs float64)")
         elif self.state_dict is not None:
             sd = self.state_dict
             out.append(f"  inputs           {shapes}")
@@ -139,6 +149,7 @@ class CheckResult:
             "problems": self.problems, "notes": self.notes, "state_dict": self.state_dict,
             "first_divergence": self.first_divergence, "layers": self.layers, "noise_floor": self.noise_floor,
             "rounding_floor": self.rounding_floor, "threshold": self.threshold, "summary": self.summary,
+            "exported": self.exported,
         }
 
 
@@ -218,6 +229,32 @@ def _cast(args: tuple, dtype: torch.dtype | None) -> tuple:
     return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, args)
 
 
+def _for_exported(exported: ExportedModule, reference: nn.Module, mode: str, layers: bool | None, inputs: Any,
+                  input_size: tuple[int, ...] | None) -> tuple[bool, tuple[int, ...] | None]:
+    """What a check of an exported file can do: compare outputs, on inputs of the shape the file fixes.
+
+    No interface check (a file runs forward only, no backward pass reaches its weights) and no per-layer
+    rows (it has no layers to hook): both refused when asked for, and ``layers`` is False from here.
+    """
+    if mode == "interface":
+        raise InputSpecError(f"an interface check (--mode interface) runs a backward pass through the candidate; "
+                             f"{exported.path} is an exported file, which runs forward only",
+                             fix="compare its outputs with --mode numeric, or check the PyTorch model it was "
+                                 "exported from with --mode interface")
+    if layers:
+        raise InputSpecError(f"a per-layer comparison (--layers, --plot) hooks the candidate's layers; "
+                             f"{exported.path} is an exported file, which has none to hook",
+                             fix="drop --layers and --plot, or compare the PyTorch model it was exported from "
+                                 "layer by layer")
+    if inputs is None and input_size is None:
+        try:
+            guessed = (CHECK_BATCH, *infer_input_size(reference)[0])
+        except InputSpecError:
+            guessed = None
+        input_size = exported.default_input_size(guessed)
+    return False, input_size
+
+
 def check(
     reference: nn.Module,
     candidate: nn.Module,
@@ -242,6 +279,7 @@ def check(
     ``layers``: record every layer and find the first divergence (``layerwise``);
     ``None`` does it only when the outputs disagree, to say where.
     ``fold_map``: the rewrite's own map of folded layers (``Plan.fold_map``); inferred when not given.
+    A candidate may be an exported file (``artifact.ExportedModule``): see ``_for_exported``.
     """
     if mode not in MODES:
         raise InputSpecError(f"unknown check mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
@@ -250,6 +288,8 @@ def check(
             raise InputSpecError(f"{name} must be a torch.nn.Module, got {type(m).__name__}")
     if mode == "none":
         return CheckResult(ok=True, mode="none")
+    if isinstance(candidate, ExportedModule):
+        layers, input_size = _for_exported(candidate, reference, mode, layers, inputs, input_size)
     try:
         if mode == "interface":
             return _interface(reference, candidate, inputs, input_size, seed)
@@ -318,32 +358,29 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
     floor is estimated by perturbing the reference tensors the rewrite changed by one
     rounding step of their native dtype, and the check passes below max(rtol, 4 x floor). The native
     forward's own distance from float64 is reported beside it (``noise_floor``).
+    An exported file keeps its own dtype (float32 against the float64 reference): the tolerance and the
+    rounding step are that dtype's, and every reference tensor is perturbed, since the file holds them all.
     """
     native, _ = model_dtype_device(reference)
-    compare_dtype = dtype
-    ref, cand = reference, candidate
-    if compare_dtype is None and native != torch.float64:
-        ref64, cand64 = _float64_copy(reference), _float64_copy(candidate)
-        if ref64 is not None and cand64 is not None:
-            ref, cand, compare_dtype = ref64, cand64, torch.float64
-    elif compare_dtype is not None:
-        ref, cand = copy.deepcopy(reference).to(compare_dtype), copy.deepcopy(candidate).to(compare_dtype)
-    batches = _input_list(reference, inputs, input_size, n_inputs, seed, batch=2)
-    tol = rtol if rtol is not None else DEFAULT_RTOL.get(native, 1e-4)
+    exported = candidate if isinstance(candidate, ExportedModule) else None
+    precision = _coarser(native, exported.dtype) if exported is not None else native
+    ref, cand, compare_dtype = _models_to_compare(reference, candidate, dtype, native)
+    batches = _input_list(reference, inputs, input_size, n_inputs, seed, batch=CHECK_BATCH)
+    tol = rtol if rtol is not None else DEFAULT_RTOL.get(precision, 1e-4)
     result = CheckResult(ok=True, mode="numeric", atol=atol or 0.0, rtol=tol,
                          dtype=str(compare_dtype or native).replace("torch.", ""),
-                         inputs=[_shape_of(args) for args in batches])
+                         inputs=[_shape_of(args) for args in batches],
+                         exported=exported.describe() if exported is not None else None)
     if compare_dtype is None and native != torch.float64:
         result.notes.append("the models could not be cast to float64: compared in their own dtype, "
                             "where deep networks carry more rounding noise")
-    noisy = None
-    if compare_dtype == torch.float64 and native != torch.float64:
-        noisy = _perturbed(ref, _changed_tensors(reference, candidate), UNIT_ROUNDOFF.get(native, 2.0**-24), seed)
+    noisy, at_precision = _noise_models(reference, candidate, ref, compare_dtype, native, precision, seed)
     floor, native_noise = 0.0, 0.0
     stats = _Stats()
     structure_ok = True
     lw: Layerwise | None = None
-    with torch.no_grad(), eval_mode(reference, candidate, ref, cand, *( [noisy] if noisy is not None else [])):
+    extra = [m for m in (noisy, at_precision) if m is not None]
+    with torch.no_grad(), eval_mode(reference, candidate, ref, cand, *extra):
         for b_i, args in enumerate(batches):
             cargs = _cast(args, compare_dtype)
             if b_i == 0 and layers:  # the recorded run is also the first comparison
@@ -354,6 +391,8 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
                 ref_out, cand_out = run(ref, cargs), run(cand, cargs)
             ref_leaves, ref_spec = _leaves(ref_out)
             cand_leaves, cand_spec = _leaves(cand_out)
+            if exported is not None:
+                cand_leaves, cand_spec = _flat_like(cand_leaves, cand_spec, ref_leaves, ref_spec)
             if ref_spec != cand_spec or len(ref_leaves) != len(cand_leaves):
                 result.problems.append(f"output structure differs: {ref_spec} vs {cand_spec}")
                 structure_ok = False
@@ -361,25 +400,80 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
             if noisy is not None:
                 for r, n in zip(ref_leaves, _leaves(run(noisy, cargs))[0]):
                     floor = max(floor, _rel(r, n))
-                for r, n in zip(ref_leaves, _leaves(run(reference, args))[0]):
+                for r, n in zip(ref_leaves, _leaves(run(at_precision, _cast(args, precision)))[0]):
                     native_noise = max(native_noise, _rel(r, n))
             for i, (name, r, c) in enumerate(zip(_leaf_names(ref_out), ref_leaves, cand_leaves)):
                 _compare_leaf(result, stats, name, b_i, r, c, first=i == 0)
-        result.noise_floor = native_noise
-        result.rounding_floor = floor
-        result.threshold = max(tol, NOISE_MULTIPLE * floor)
-        for leaf in result.leaves:
-            if leaf["max_abs"] > result.atol + result.threshold * leaf["scale"]:
-                result.problems.append(
-                    f"{leaf['name']}: max rel error {leaf['max_rel']:.3g} above {result.threshold:.3g} "
-                    f"(input {leaf['input']})")
-        stats.finish(result)
-        result.ok = not result.problems
+        _judge(result, stats, tol, floor, native_noise, exported is not None)
         if lw is None and structure_ok and layers is None and not result.ok:
             lw = _layerwise(result, ref, cand, _cast(batches[0], compare_dtype), fold_map)
         if lw is not None:
             _locate(result, lw)
+    if exported is not None and not result.ok:
+        result.notes.append("where the outputs part is not shown for an exported file (it has no layers to hook): "
+                            "compare the PyTorch model it was exported from to find the first divergence")
     return result
+
+
+def _noise_models(reference: nn.Module, candidate: nn.Module, ref: nn.Module, compare_dtype: torch.dtype | None,
+                  native: torch.dtype, precision: torch.dtype, seed: int) -> tuple[nn.Module | None, nn.Module | None]:
+    """(the float64 reference with the changed tensors moved by one rounding step of ``precision``, the
+    reference as it runs in ``precision``), or (None, None) when the comparison is not in float64 or the
+    models are float64 themselves. The second is the reference itself unless an exported candidate computes
+    in a coarser dtype than the reference (a float32 file against a float64 model)."""
+    if (compare_dtype or native) != torch.float64 or precision == torch.float64:
+        return None, None
+    noisy = _perturbed(ref, _changed_tensors(reference, candidate), UNIT_ROUNDOFF.get(precision, 2.0**-24), seed)
+    return noisy, reference if precision == native else copy.deepcopy(reference).to(precision)
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype with the larger rounding step: what a comparison of the two can be held to."""
+    return b if UNIT_ROUNDOFF.get(b, 0.0) > UNIT_ROUNDOFF.get(a, 0.0) else a
+
+
+def _models_to_compare(reference: nn.Module, candidate: nn.Module, dtype: torch.dtype | None,
+                       native: torch.dtype) -> tuple[nn.Module, nn.Module, torch.dtype | None]:
+    """(reference, candidate, dtype) as compared: float64 copies by default, copies in ``dtype`` when asked,
+    the models themselves (dtype None) when they cannot be cast or are float64 already."""
+    if dtype is None and native != torch.float64:
+        ref64, cand64 = _float64_copy(reference), _float64_copy(candidate)
+        if ref64 is not None and cand64 is not None:
+            return ref64, cand64, torch.float64
+        return reference, candidate, None
+    if dtype is not None:
+        return copy.deepcopy(reference).to(dtype), copy.deepcopy(candidate).to(dtype), dtype
+    return reference, candidate, None
+
+
+def _flat_like(cand_leaves: list[torch.Tensor], cand_spec: Any, ref_leaves: list[torch.Tensor],
+               ref_spec: Any) -> tuple[list[torch.Tensor], Any]:
+    """An exported file's outputs, leaf for leaf with the reference's: ONNX returns nested outputs flat, and
+    the file computes in its own dtype, widened here (exactly) to the reference's."""
+    if len(cand_leaves) != len(ref_leaves):
+        return cand_leaves, cand_spec
+    return [c.to(r.dtype) if c.is_floating_point() and r.is_floating_point() else c
+            for c, r in zip(cand_leaves, ref_leaves)], ref_spec
+
+
+def _judge(result: CheckResult, stats: _Stats, tol: float, floor: float, native_noise: float,
+           exported: bool) -> None:
+    """The verdict: every output leaf within atol + threshold x its scale.
+
+    The threshold is max(tol, 4 x rounding floor); for an ``exported`` file also 4 x the native noise: the
+    file does its arithmetic in float32, as the reference's own float32 forward does, so it may sit as far
+    from the float64 reference as that forward does (resnet18 at 32x32: a correct .pt2 6.1e-6, the native
+    noise 7.1e-6, against an rtol of 1e-5 and a rounding floor of 9e-7)."""
+    result.noise_floor = native_noise
+    result.rounding_floor = floor
+    result.threshold = max(tol, NOISE_MULTIPLE * floor, NOISE_MULTIPLE * native_noise if exported else 0.0)
+    for leaf in result.leaves:
+        if leaf["max_abs"] > result.atol + result.threshold * leaf["scale"]:
+            result.problems.append(
+                f"{leaf['name']}: max rel error {leaf['max_rel']:.3g} above {result.threshold:.3g} "
+                f"(input {leaf['input']})")
+    stats.finish(result)
+    result.ok = not result.problems
 
 
 def _layerwise(result: CheckResult, ref: nn.Module, cand: nn.Module, args: tuple, fold_map) -> Layerwise | None:
@@ -490,7 +584,7 @@ def _compare_leaf(result: CheckResult, stats: _Stats, name: str, batch: int, r: 
 
 
 def _interface(reference, candidate, inputs, input_size, seed) -> CheckResult:
-    args = _input_list(reference, inputs, input_size, 1, seed, batch=2)[0]
+    args = _input_list(reference, inputs, input_size, 1, seed, batch=CHECK_BATCH)[0]
     result = CheckResult(ok=True, mode="interface", inputs=[_shape_of(args)])
     with torch.no_grad(), eval_mode(reference, candidate):
         ref_leaves, ref_spec = _leaves(run(reference, args))

@@ -94,19 +94,39 @@ def encode(model: nn.Module, inputs: Any, fmt: str, dynamic_shapes: Any = None) 
         ) from None
 
 
+def onnx_session(source: bytes | str) -> Any:
+    """An onnxruntime session on the CPU provider: the arithmetic a deployment without an accelerator gets,
+    and the same on every machine the check runs on. ``source``: the model's bytes, or a path (a path also
+    finds the external-data files beside it)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, args: tuple) -> list[torch.Tensor]:
+    """The session's outputs on ``args`` (one array per declared input, in order), as tensors."""
+    feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
+    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+
+def load_program(source: bytes | str) -> torch.export.ExportedProgram:
+    """A .pt2 program from its bytes or its path."""
+    return torch.export.load(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def run_program(module: nn.Module, args: tuple) -> list[torch.Tensor]:
+    """An ExportedProgram's ``module()`` on ``args``; its output's tensors, flattened."""
+    with torch.no_grad():
+        out = module(*args)
+    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def run(fmt: str, data: bytes, inputs: Any) -> list[torch.Tensor]:
     """Run exported bytes on ``inputs``: onnxruntime for ONNX, the reloaded program for .pt2."""
     args = as_args(inputs)
     if fmt == "onnx":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-        feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
-        return [torch.from_numpy(o) for o in session.run(None, feeds)]
-    program = torch.export.load(io.BytesIO(data))
-    with torch.no_grad():
-        out = program.module()(*args)
-    return [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return run_onnx(onnx_session(data), args)
+    return run_program(load_program(data).module(), args)
 
 
 def export_verified(model: nn.Module, inputs: Any, fmt: str, dynamic: str = "batch") -> ExportedFile:
