@@ -70,6 +70,7 @@ class Plan:
     rule_matches: list[tuple[Rule, int]]
     notes: list[str] = field(default_factory=list)
     fold_map: dict[str, FoldLink] = field(default_factory=dict)  # how folded layers line up, for per-layer checks
+    rounding: dict[str, torch.dtype] = field(default_factory=dict)  # see Built.rounding
 
     def param_map(self, model: nn.Module) -> dict[str, str | None]:
         """Old parameter name -> new name (None where the parameter is gone), for the whole model."""
@@ -149,6 +150,7 @@ class _Planner:
         self.counts = [0] * len(recipe.rules)
         self.replaced: set[str] = set()
         self.fold_map: dict[str, FoldLink] = {}
+        self.rounding: dict[str, torch.dtype] = {}
         self.notes: list[str] = []
         self.errors: list[NormswapError] = []
 
@@ -169,7 +171,8 @@ class _Planner:
                 raise self.errors[0]
             raise PlanError(f"{len(self.errors)} problems:\n" + "\n".join(f"  - {e}" for e in self.errors))
         return Plan(self.recipe, type(self.model).__name__, list(self.prepared.values()), self.skipped,
-                    list(zip(self.recipe.rules, self.counts)), notes=self.notes, fold_map=self.fold_map)
+                    list(zip(self.recipe.rules, self.counts)), notes=self.notes, fold_map=self.fold_map,
+                    rounding=self.rounding)
 
     def _near_miss(self, module: nn.Module, paths: list[str]) -> None:
         for r in self.recipe.rules:
@@ -195,8 +198,10 @@ class _Planner:
         self.prepared[paths[0]] = Change(rule, paths[0], paths, module, built.module, built.notes, built.carried)
         self.replaced.update(paths)
         self.fold_map.update(built.fold_links)
-        if repl.note and repl.note not in self.notes:
-            self.notes.append(repl.note)
+        self.rounding.update(built.rounding)
+        note = repl.note(ctx) if callable(repl.note) else repl.note
+        if note and note not in self.notes:
+            self.notes.append(note)
         for edit in built.edits:
             self._attempt(lambda: self._edit(rule, edit), rule, repl.name, module, paths)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn as nn
 
 from .errors import PlanError
@@ -46,6 +47,9 @@ class Built:
     carried: dict[str, str] = field(default_factory=dict)  # old local tensor name -> new local name
     edits: list[NeighbourEdit] = field(default_factory=list)
     fold_links: dict[str, FoldLink] = field(default_factory=dict)  # path -> how it lines up (verify/layerwise)
+    # path -> the dtype of arithmetic the rewrite took out of that layer (a norm computing in float32 inside a
+    # float64 model): the check's rounding floor moves those layers' tensors by that dtype's rounding step
+    rounding: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 class SkipLayer(Exception):

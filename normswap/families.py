@@ -102,7 +102,7 @@ def near_family_of(module: nn.Module) -> str | None:
 
 def is_norm_layer(module: nn.Module) -> bool:
     fam = family_of(module) or near_family_of(module)
-    return fam in NORM_FAMILIES
+    return fam in NORM_FAMILIES or fam == "unidentified_norm"
 
 
 def channels_of(module: nn.Module) -> int | None:

@@ -7,10 +7,15 @@ from typing import Any
 import torch.nn as nn
 
 from .catalog.folding import fold_site, next_layer_site
+from .catalog.norm_affine import affine_site
 from .families import channels_of, family_of, is_norm_layer, near_family_of
 from .graph import DataFlow, describe, record, users_of
 from .inputs import make_inputs
 from .text import wrapped
+
+
+_BN = ("batchnorm", "frozen_batchnorm")
+_LN = ("layernorm", "rmsnorm", "unidentified_norm")
 
 
 @dataclass
@@ -29,10 +34,11 @@ class InspectTable:
             out[r["family"]] = out.get(r["family"], 0) + 1
         return out
 
-    def foldable_count(self) -> tuple[int, int]:
-        """(BN layers fold_bn folds with default options, BN-family layers)."""
-        bns = [r for r in self.rows if r["foldable"] is not None]
-        return sum(1 for r in bns if r["foldable"] and not r["fold_into_next"]), len(bns)
+    def foldable_count(self, families: tuple[str, ...] = _BN) -> tuple[int, int]:
+        """(layers of ``families`` their fold folds with default options, layers of ``families``): fold_bn for
+        BatchNorms, fold_norm_affine for LayerNorm/RMSNorm."""
+        rows = [r for r in self.rows if r["foldable"] is not None and r["family"] in families]
+        return sum(1 for r in rows if r["foldable"] and not r["fold_into_next"]), len(rows)
 
     def text(self, width: int = 80) -> str:
         """One entry per layer, wrapped at ``width``, then the counts."""
@@ -50,6 +56,9 @@ class InspectTable:
         counts = ", ".join(f"{n} {fam}" for fam, n in self.summary().items()) or "none"
         out += wrapped(f"{self.model_type}: {len(self.rows)} normalization layer(s): {counts} "
                        f"(input {tuple(self.input_shape)})", width, "  ")
+        folds, norms = self.foldable_count(_LN)
+        if norms:
+            out.append(f"fold_norm_affine would fold the affine of {folds} of {norms} LayerNorm/RMSNorm layer(s)")
         folds, bns = self.foldable_count()
         if bns:
             out.append(f"fold_bn would fold {folds} of {bns} BatchNorm layer(s)")
@@ -69,7 +78,12 @@ class InspectTable:
 
 
 def _fold_columns(flow: DataFlow, path: str, module: nn.Module) -> dict[str, Any]:
-    """Whether ``fold_bn`` would fold this layer, into what, or why not (the analysis fold itself uses)."""
+    """Whether ``fold_bn`` (a BatchNorm) or ``fold_norm_affine`` (a LayerNorm/RMSNorm's affine) would fold this
+    layer, into what, or why not (the analysis the fold itself uses)."""
+    if family_of(module) in ("layernorm", "rmsnorm") or near_family_of(module) == "unidentified_norm":
+        affine = affine_site(flow, path, untie=False)
+        return {"foldable": affine.foldable, "fold_into": [c.path for c in affine.consumers], "fold_into_next": False,
+                "fold_reason": affine.reason}
     if family_of(module) not in ("batchnorm", "frozen_batchnorm"):
         return {"foldable": None, "fold_into": [], "fold_reason": None}
     site = fold_site(flow, path, assume_eval=True)
@@ -107,7 +121,8 @@ def inspect_model(model: nn.Module, *, input_size: tuple[int, ...] | None = None
             "path": path,
             "aliases": mc.aliases[1:],
             "class": type(mod).__name__,
-            "family": family_of(mod) or f"{near_family_of(mod)} (subclass)",
+            "family": family_of(mod) or (near_family_of(mod) if near_family_of(mod) == "unidentified_norm"
+                                         else f"{near_family_of(mod)} (subclass)"),
             "channels": channels_of(mod),
             "mode": "train" if mod.training else "eval",
             "affine": getattr(mod, "weight", None) is not None,

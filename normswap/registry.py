@@ -72,7 +72,9 @@ class Replacement:
     default_carry: tuple[str, ...]
     doc: str
     needs_analysis: bool = False
-    note: str | None = None  # said once in the report when the replacement changed any layer
+    # said once in the report when the replacement changed any layer; a callable gets the LayerContext and
+    # returns the note or None (a note that depends on the model, such as "nothing to untie")
+    note: str | Callable[[Any], str | None] | None = None
     keeps_function: bool = False  # the eval-mode output is unchanged: a recipe of these is checked numerically
 
     def option(self, name: str) -> Option | None:
@@ -98,7 +100,7 @@ def register(
     default_carry: tuple[str, ...] | None = None,
     doc: str = "",
     needs_analysis: bool = False,
-    note: str | None = None,
+    note: str | Callable[[Any], str | None] | None = None,
     keeps_function: bool = False,
 ) -> Callable[[Factory], Factory]:
     """Register a factory (LayerContext -> Built, see factory.py) under ``name``."""

@@ -98,7 +98,7 @@ def rewrite(
     mode = check_mode or plan.recipe.check
     if check and mode != "none":
         result = run_check(reference, target, example_inputs, mode=mode, input_size=input_size,
-                           fold_map=plan.fold_map)
+                           fold_map=plan.fold_map, rounding=plan.rounding)
         report.check_result = result
         if not result.ok:
             engine.rollback(undo)

@@ -1,4 +1,4 @@
-"""Realistic BatchNorm state for tests, examples and benchmarks.
+"""Realistic normalization state for tests, examples and benchmarks: BatchNorm, and LayerNorm/RMSNorm affine.
 
 A freshly built BN is the identity (γ=1, β=0, μ=0, σ²=1) and hides every bug in
 code that moves or folds it. Arbitrary running variances make deep nets blow
@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .families import family_of
+from .norm_probe import probe
 from .inputs import infer_input_size, make_inputs
 
 # Spatial positions per channel the statistics should see at 1/32 of the input side
@@ -90,4 +91,23 @@ def randomize_bn(model: nn.Module, input_size: Sequence[int] | None = None, *, s
     for m in with_stats:  # not reached by the forward pass: perturb what they have
         if id(m) not in measured:
             perturb_stats(m)
+    return model
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Give every LayerNorm/RMSNorm of ``model`` a random affine, in place: γ in [0.5, 1.5) (for a (1 + weight)
+    class such as Gemma's RMSNorm, a weight in [-0.5, 0.5)), β normal with std 0.5. Hugging Face and timm
+    start them at the identity, where a fold that drops γ or β passes unnoticed."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if family_of(m) not in ("layernorm", "rmsnorm"):
+            continue
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        form = probe(m) if not type(m).__module__.startswith(("torch.nn", "timm.")) else None
+        if isinstance(weight, torch.Tensor):
+            low = -0.5 if form is not None and form.offset else 0.5
+            weight.copy_(torch.rand(weight.shape, generator=gen, dtype=torch.float64) + low)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(torch.randn(bias.shape, generator=gen, dtype=torch.float64) * 0.5)
     return model

@@ -15,6 +15,7 @@ activation, a layer that cannot absorb it, a weight tied to another tensor.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,16 @@ _MOVES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "co
 _CASTS = {"to", "type", "float", "double", "half", "bfloat16", "type_as"}  # values kept: not replayed
 _AVERAGES = {"mean"}  # β survives an average over tokens
 _PASS_MODULES = (nn.Dropout, nn.Identity)  # identities in eval mode
+
+
+@functools.cache
+def _replayed_modules() -> tuple[type, ...]:
+    """Modules that move elements (flatten) or average them over positions (global average pooling): followed by
+    replaying them on the channel index, like the ops above."""
+    from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
+
+    return (nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+            FastAdaptiveAvgPool)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -107,7 +118,7 @@ def affine_site(flow: DataFlow, path: str, *, untie: bool = False) -> AffineSite
     frontier = [(node, _channel_index(tuple(node.meta["shape"]), axis), True)]
     while frontier and site.reason is None:
         value, index, beta_ok = frontier.pop()
-        for user in list(value.users):
+        for user in sorted(value.users, key=lambda u: u.op != "call_function"):  # an add explains most
             step = _follow(flow, site, value, user, index, beta_ok, untie)
             if site.reason is not None:
                 break
@@ -139,8 +150,13 @@ def _follow(flow, site, value, user, index, beta_ok, untie):
     next (node, index, beta_ok) to follow), or anything else (the site's reason)."""
     if user.op == "call_module":
         module = flow.modules[user.target].module
-        if isinstance(module, _PASS_MODULES) and not module.training:
+        if isinstance(module, _PASS_MODULES):  # identities in eval mode, where a folded model runs
             return user, index, beta_ok
+        if isinstance(module, _replayed_modules()) and len(user.all_input_nodes) == 1:
+            try:
+                return user, module(index), beta_ok  # a flatten or an average over positions
+            except Exception:  # noqa: BLE001 - a module that cannot be replayed cannot be proven
+                pass
         site.reason = _consumer_problem(flow, site, value, user, module, index, beta_ok, untie)
         return None
     if user.op != "call_function":
@@ -152,6 +168,10 @@ def _follow(flow, site, value, user, index, beta_ok, untie):
     others = [a for a in user.all_input_nodes if a is not value]
     getitem = user.target is operator.getitem or name == "getitem"
     zero_pad = name == "pad"
+    if name in ("add", "__add__", "add_", "__iadd__", "__radd__") and others:
+        site.reason = f"its output is added to another branch ({describe(user)}: a residual stream), which " \
+                      "cannot absorb its affine"
+        return None
     if others or not (name in _MOVES or name in _AVERAGES or getitem or zero_pad):
         site.reason = f"its output reaches {describe(user)}, which is not a linear, channel-preserving op"
         return None
@@ -285,12 +305,27 @@ def _beta_placement(site: AffineSite, ctx: LayerContext, beta: torch.Tensor | No
     return "consumers", None
 
 
+def _nothing_to_untie(ctx: LayerContext) -> str | None:
+    """The plan's note when ``untie: true`` finds no layer sharing its weight with another."""
+    if not ctx.options.get("untie"):
+        return None
+    seen: set[int] = set()
+    for mc in ctx.flow.modules.values():
+        for t in mc.module._parameters.values():
+            if t is not None and id(t) in seen:
+                return None
+            if t is not None:
+                seen.add(id(t))
+    return "untie: true, but no layer of this model shares its weight with another: nothing was untied"
+
+
 @register(
     "fold_affine",
     keeps_function=True,
     families=("layernorm", "rmsnorm"),
     needs_analysis=True,
     carries=(),
+    note=_nothing_to_untie,
     doc="Fold a LayerNorm/RMSNorm's γ (and β) into the linear/conv layers reading its output; the norm keeps no "
         "affine.",
     options=(
@@ -329,5 +364,8 @@ def fold_affine(ctx: LayerContext) -> Built:
                   for c in site.consumers})
     if bool((gamma == 0).any()):
         links = {}  # the per-layer view divides by γ
-    return Built(_without_affine(norm, form, kept), notes, edits=edits, fold_links=links)
+    rounding = {}
+    if form.float32_inside and form.offset:  # its float32 product n·(1 + w) moves into the readers, in float64
+        rounding = {p: torch.float32 for p in [ctx.path] + [c.path for c in site.consumers]}
+    return Built(_without_affine(norm, form, kept), notes, edits=edits, fold_links=links, rounding=rounding)
 

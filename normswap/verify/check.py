@@ -269,6 +269,7 @@ def check(
     seed: int = 0,
     layers: bool | None = None,
     fold_map: dict[str, FoldLink] | None = None,
+    rounding: dict[str, torch.dtype] | None = None,
 ) -> CheckResult:
     """Compare ``candidate`` with ``reference`` on the same inputs (see the module docstring).
 
@@ -279,6 +280,8 @@ def check(
     ``layers``: record every layer and find the first divergence (``layerwise``);
     ``None`` does it only when the outputs disagree, to say where.
     ``fold_map``: the rewrite's own map of folded layers (``Plan.fold_map``); inferred when not given.
+    ``rounding``: layer path -> the dtype of arithmetic the rewrite took out of it (``Plan.rounding``): the
+    rounding floor moves those layers' changed tensors by that dtype's rounding step, float64 models included.
     A candidate may be an exported file (``artifact.ExportedModule``): see ``_for_exported``.
     """
     if mode not in MODES:
@@ -295,7 +298,7 @@ def check(
             return _interface(reference, candidate, inputs, input_size, seed)
         try:
             return _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers,
-                            fold_map)
+                            fold_map, rounding)
         except NormswapError:
             raise
         except Exception as e:
@@ -304,7 +307,7 @@ def check(
                 raise
             # the float64 copies cannot run (a forward that casts its input itself, x.float()): compare natively
             result = _numeric(reference, candidate, inputs, rtol, atol, input_size, native, n_inputs, seed, layers,
-                              fold_map)
+                              fold_map, rounding)
             first = str(e).splitlines()[0][:120] if str(e) else ""
             result.notes.append(f"the float64 copies could not run ({type(e).__name__}: {first}): compared in "
                                 f"{str(native).replace('torch.', '')}")
@@ -332,12 +335,14 @@ def _float64_copy(model: nn.Module) -> nn.Module | None:
 
 
 @torch.no_grad()
-def _perturbed(model64: nn.Module, names: set[str], u: float, seed: int) -> nn.Module:
-    """A copy with the named floating tensors moved by a random relative ±u: rounding-sized noise."""
+def _perturbed(model64: nn.Module, units: dict[str, float], seed: int) -> nn.Module:
+    """A copy with each named floating tensor moved by a random relative ±u (its ``units`` entry): rounding-sized
+    noise."""
     out = copy.deepcopy(model64)
     gen = torch.Generator().manual_seed(seed)
     for name, t in out.state_dict(keep_vars=True).items():
-        if name in names and t.is_floating_point():
+        u = units.get(name)
+        if u is not None and t.is_floating_point():
             t.data.mul_(1 + u * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype).to(t.device) - 1))
     return out
 
@@ -349,7 +354,8 @@ def _changed_tensors(reference: nn.Module, candidate: nn.Module) -> set[str]:
             if n not in cand or cand[n].shape != t.shape or cand[n].dtype != t.dtype or not torch.equal(cand[n], t)}
 
 
-def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map) -> CheckResult:
+def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inputs, seed, layers, fold_map,
+             rounding=None) -> CheckResult:
     """Compare in float64 where both models allow it, against a tolerance that knows the rounding noise.
 
     The candidate's error is measured against the reference, both cast to float64
@@ -374,7 +380,7 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
     if compare_dtype is None and native != torch.float64:
         result.notes.append("the models could not be cast to float64: compared in their own dtype, "
                             "where deep networks carry more rounding noise")
-    noisy, at_precision = _noise_models(reference, candidate, ref, compare_dtype, native, precision, seed)
+    noisy, at_precision = _noise_models(reference, candidate, ref, compare_dtype, native, precision, seed, rounding)
     floor, native_noise = 0.0, 0.0
     stats = _Stats()
     structure_ok = True
@@ -400,7 +406,8 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
             if noisy is not None:
                 for r, n in zip(ref_leaves, _leaves(run(noisy, cargs))[0]):
                     floor = max(floor, _rel(r, n))
-                for r, n in zip(ref_leaves, _leaves(run(at_precision, _cast(args, precision)))[0]):
+                for r, n in zip(ref_leaves, _leaves(run(at_precision, _cast(args, precision)))[0] if at_precision
+                                else []):
                     native_noise = max(native_noise, _rel(r, n))
             for i, (name, r, c) in enumerate(zip(_leaf_names(ref_out), ref_leaves, cand_leaves)):
                 _compare_leaf(result, stats, name, b_i, r, c, first=i == 0)
@@ -416,14 +423,21 @@ def _numeric(reference, candidate, inputs, rtol, atol, input_size, dtype, n_inpu
 
 
 def _noise_models(reference: nn.Module, candidate: nn.Module, ref: nn.Module, compare_dtype: torch.dtype | None,
-                  native: torch.dtype, precision: torch.dtype, seed: int) -> tuple[nn.Module | None, nn.Module | None]:
+                  native: torch.dtype, precision: torch.dtype, seed: int,
+                  rounding: dict[str, torch.dtype] | None = None) -> tuple[nn.Module | None, nn.Module | None]:
     """(the float64 reference with the changed tensors moved by one rounding step of ``precision``, the
     reference as it runs in ``precision``), or (None, None) when the comparison is not in float64 or the
     models are float64 themselves. The second is the reference itself unless an exported candidate computes
     in a coarser dtype than the reference (a float32 file against a float64 model)."""
-    if (compare_dtype or native) != torch.float64 or precision == torch.float64:
+    if (compare_dtype or native) != torch.float64 or (precision == torch.float64 and not rounding):
         return None, None
-    noisy = _perturbed(ref, _changed_tensors(reference, candidate), UNIT_ROUNDOFF.get(precision, 2.0**-24), seed)
+    unit = UNIT_ROUNDOFF.get(precision, 2.0**-24)
+    units = {name: max([unit] + [UNIT_ROUNDOFF[dt] for path, dt in (rounding or {}).items()
+                                 if name.startswith(path + ".")])
+             for name in _changed_tensors(reference, candidate)}
+    noisy = _perturbed(ref, units, seed)
+    if precision == torch.float64:  # a float64 model: no coarser forward of its own to measure
+        return noisy, None
     return noisy, reference if precision == native else copy.deepcopy(reference).to(precision)
 
 
