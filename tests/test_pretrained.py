@@ -10,47 +10,18 @@ import pytest
 import timm
 import torch
 import torchvision
-from safetensors.torch import save_file
 
 import normswap
 from normswap.cli import main
-from normswap.testing import randomize_bn
 
-REV = "0123456789abcdef0123456789abcdef01234567"
+from hub_cache import hub_repo, known_weights, offline_hub as make_offline_hub, torch_home_checkpoints
+
 REPO = "acme/tiny-r18"  # an hf-hub model whose config.json changes the architecture: 10 classes
-
-
-def hub_repo(hub: Path, repo: str, weights: dict, config: dict | None) -> None:
-    """A repo in the Hugging Face cache layout: models--ORG--NAME/{refs/main, snapshots/REV/...}."""
-    base = hub / f"models--{repo.replace('/', '--')}"
-    snapshot = base / "snapshots" / REV
-    snapshot.mkdir(parents=True)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text(REV)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(snapshot / "model.safetensors"))
-    if config is not None:
-        (snapshot / "config.json").write_text(json.dumps(config))
-
-
-def known_weights(name: str, **kwargs) -> dict:
-    torch.manual_seed(7)
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    randomize_bn(model, (2, 3, 64, 64))
-    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
-    """HF_HOME in tmp_path, offline; huggingface_hub reads its constants at import, so they are set too."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    (home / "hub").mkdir(parents=True)
-    return home / "hub"
+    return make_offline_hub(tmp_path / "hf", monkeypatch)
 
 
 @pytest.fixture
@@ -116,10 +87,7 @@ def test_torchvision_pretrained_reads_torch_home(tmp_path, monkeypatch):
     torch.manual_seed(3)
     model = torchvision.models.mobilenet_v3_small()
     sd = model.state_dict()
-    for url in {weights_enum.DEFAULT.url, weights_enum.IMAGENET1K_V1.url}:
-        target = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sd, target)
+    torch_home_checkpoints(tmp_path / "torch", [weights_enum.DEFAULT, weights_enum.IMAGENET1K_V1], sd)
     assert same_weights(normswap.load("torchvision:mobilenet_v3_small", pretrained=True), sd)
     assert same_weights(normswap.load("torchvision:mobilenet_v3_small", pretrained="IMAGENET1K_V1"), sd)
     with pytest.raises(normswap.NormswapError, match="has no weights 'IMAGENET9K'"):
