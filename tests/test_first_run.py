@@ -219,3 +219,11 @@ def test_a_model_that_casts_its_input_is_checked_in_its_own_dtype():
     folded, report = normswap.fold(model, example_inputs=x, return_report=True)
     assert report.check["ok"] and report.check["dtype"] == "float32"
     assert any("float64 copies could not run" in n for n in report.check["notes"])
+
+
+def test_interface_check_at_batch_one_on_a_1x1_map_passes(tmp_path, capsys):
+    """--input-size C,H,W is batch 1; resnet18 at 32x32 ends in a 1x1 map, where a train-mode BatchNorm of the
+    reference refuses one value per channel: the backward pass runs on the sample and its negation."""
+    out = tmp_path / "gn.safetensors"
+    assert main(["apply", "bn_to_gn", "timm:resnet18", "--input-size", "3,32,32", "-o", str(out)]) == 0
+    assert "check (interface): passed" in capsys.readouterr().out and out.exists()

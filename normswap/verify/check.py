@@ -629,12 +629,22 @@ def _interface(reference, candidate, inputs, input_size, seed) -> CheckResult:
     return result
 
 
+def _two_samples(args: tuple | dict) -> tuple | dict:
+    """A batch of one made two (the sample and its negation; a copy for integer inputs such as token ids):
+    train-mode BatchNorm refuses one value per channel, which a 1x1 map at batch 1 gives (resnet18 at 32x32)."""
+    first = next((x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), None)
+    if first is None or first.ndim == 0 or first.shape[0] != 1:
+        return args
+    return pytree.tree_map(lambda x: torch.cat([x, -x if x.is_floating_point() else x])
+                           if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 else x, args)
+
+
 def _grads(model: nn.Module, args: tuple) -> dict[str, str]:
     """Train-mode forward/backward on a private copy: name -> ok | none | nonfinite."""
     work = copy.deepcopy(model).train()
     for p in work.parameters():
         p.grad = None
-    leaves, _ = _leaves(run(work, args))
+    leaves, _ = _leaves(run(work, _two_samples(args)))
     loss = sum(x.float().square().mean() for x in leaves if x.is_floating_point() and x.requires_grad)
     if isinstance(loss, torch.Tensor):
         loss.backward()
