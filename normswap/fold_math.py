@@ -116,3 +116,28 @@ def fold_input_channels(weight, bias, s, t, *, groups: int):
     w_new = (wg * s_g).reshape(w.shape)
     b = shift if bias is None else bias.detach().double() + shift
     return w_new, b
+
+
+def centre_output_channels(weight, bias, layout: str, scale=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) in float64 whose output has zero mean over its channels, for every input:
+    W' = P·diag(scale)·W and b' = P·(scale·b), with P = I - 11ᵀ/C the centring projection.
+
+    ``layout``: "linear" and "conv" (output channels on dim 0), "conv1d_t" (Hugging Face Conv1D, on dim 1),
+    "embedding" (each row is an output: channels on dim 1). ``scale``: a per-channel scale applied after the
+    layer (LayerScale), folded in first, since centring does not survive a scale.
+    """
+    w = weight.detach().double()
+    axis = 1 if layout in ("conv1d_t", "embedding") else 0
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    if scale is not None:
+        w = w * scale.double().reshape(shape)
+    w = w - w.mean(dim=axis, keepdim=True)
+    b = None
+    if bias is not None and layout != "embedding":
+        b = bias.detach().double()
+        if scale is not None:
+            b = b * scale.double()
+        b = b - b.mean()
+    return w, b
+

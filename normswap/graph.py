@@ -141,6 +141,7 @@ class DataFlow:
         # ids of the model's parameters and buffers that the forward reads outside the leaf layers' own calls
         # (a weight the forward uses itself, a tied head): a rewrite of their layer changes those reads too
         self.read_outside = read_outside
+        self.memo: dict = {}  # analyses that span layers (residual streams), made once per recorded pass
 
     def tensors_read_outside(self, module: nn.Module) -> list[str]:
         """Names of ``module``'s own parameters and buffers that the forward also reads outside its calls."""
