@@ -71,6 +71,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     fold_map: dict[str, FoldLink] = field(default_factory=dict)  # how folded layers line up, for per-layer checks
     rounding: dict[str, torch.dtype] = field(default_factory=dict)  # see Built.rounding
+    # (module path, parameter name) -> its new value (factory.ParameterEdit): swapped in at commit, mapped in copies
+    parameters: dict[tuple[str, str], nn.Parameter] = field(default_factory=dict)
 
     def param_map(self, model: nn.Module) -> dict[str, str | None]:
         """Old parameter name -> new name (None where the parameter is gone), for the whole model."""
@@ -151,6 +153,7 @@ class _Planner:
         self.replaced: set[str] = set()
         self.fold_map: dict[str, FoldLink] = {}
         self.rounding: dict[str, torch.dtype] = {}
+        self.parameters: dict[tuple[str, str], nn.Parameter] = {}
         self.notes: list[str] = []
         self.errors: list[NormswapError] = []
 
@@ -172,7 +175,7 @@ class _Planner:
             raise PlanError(f"{len(self.errors)} problems:\n" + "\n".join(f"  - {e}" for e in self.errors))
         return Plan(self.recipe, type(self.model).__name__, list(self.prepared.values()), self.skipped,
                     list(zip(self.recipe.rules, self.counts)), notes=self.notes, fold_map=self.fold_map,
-                    rounding=self.rounding)
+                    rounding=self.rounding, parameters=self.parameters)
 
     def _near_miss(self, module: nn.Module, paths: list[str]) -> None:
         for r in self.recipe.rules:
@@ -199,6 +202,8 @@ class _Planner:
         self.replaced.update(paths)
         self.fold_map.update(built.fold_links)
         self.rounding.update(built.rounding)
+        for edit in built.parameter_edits:
+            self._parameter_edit(edit)
         note = repl.note(ctx) if callable(repl.note) else repl.note
         if note and note not in self.notes:
             self.notes.append(note)
@@ -242,6 +247,21 @@ class _Planner:
             change.new = _private_copy(live, edit.overwrites)
             change.notes.extend(edit.write(change.new, live) + [edit.note])
         self.prepared[edit.path] = change
+
+    def _parameter_edit(self, edit) -> None:
+        """A new parameter holding ``edit.value`` of the live one (rounded once into its dtype); the live one
+        is untouched until commit."""
+        key = (edit.path, edit.name)
+        if key in self.parameters:
+            return  # the same parameter edited twice by one plan: the first edit stands
+        owner = self.layers[edit.path] if edit.path else self.model
+        old = owner._parameters.get(edit.name)
+        if old is None:
+            raise PlanError(f"'{edit.path or type(self.model).__name__}' has no parameter '{edit.name}' to edit")
+        with torch.no_grad():
+            new = nn.Parameter(edit.value(old.detach()).to(old.dtype), requires_grad=old.requires_grad)
+        self.parameters[key] = new
+        self.notes.append(f"{'.'.join(p for p in key if p)}: {edit.note}")
 
     def _required_rules(self) -> None:
         for rule, n in zip(self.recipe.rules, self.counts):
@@ -339,8 +359,9 @@ def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return parent, attr
 
 
-def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Swap the prepared modules into ``model``; returns (parent, attr, old) for rollback."""
+def commit(model: nn.Module, plan_: Plan) -> list[tuple[dict, str, Any]]:
+    """Swap the prepared modules (and edited parameters) into ``model``; returns (table, key, old) for
+    rollback, where table is a module's ``_modules`` or ``_parameters``."""
     slots = []
     for ch in plan_.changes:
         for path in ch.aliases:
@@ -354,9 +375,12 @@ def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Modul
                     f"layer '{path}' is a {type(current).__name__}, the plan expected {ch.old_type}: "
                     "the model changed since it was planned"
                 )
-            slots.append((parent, attr, current, ch.new))
-    for parent, attr, _, new in slots:  # assignment only: nothing here can fail halfway
-        parent._modules[attr] = new
+            slots.append((parent._modules, attr, current, ch.new))
+    for (path, name), new in plan_.parameters.items():
+        owner = model.get_submodule(path) if path else model
+        slots.append((owner._parameters, name, owner._parameters[name], new))
+    for table, key, _, new in slots:  # assignment only: nothing here can fail halfway
+        table[key] = new
     done: list[str] = []
     for ch in plan_.changes:  # deferred edits (low_memory): tensor writes on live layers, validated in the plan
         for edit in ch.deferred:
@@ -369,12 +393,12 @@ def commit(model: nn.Module, plan_: Plan) -> list[tuple[nn.Module, str, nn.Modul
                                 "prepared on copies and nothing is written unless all succeed") from None
         if ch.deferred:
             done.append(ch.path)
-    return [(parent, attr, old) for parent, attr, old, _ in slots]
+    return [(table, key, old) for table, key, old, _ in slots]
 
 
-def rollback(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
-    for parent, attr, old in reversed(undo):
-        parent._modules[attr] = old
+def rollback(undo: list[tuple[dict, str, Any]]) -> None:
+    for table, key, old in reversed(undo):
+        table[key] = old
 
 
 def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
@@ -386,6 +410,9 @@ def copied_with(model: nn.Module, plan_: Plan) -> nn.Module:
     if any(ch.deferred for ch in plan_.changes):
         raise PlanError("a plan with deferred in-place edits can only be committed to the model itself")
     memo: dict[int, Any] = {id(ch.old): ch.new for ch in plan_.changes}
+    for (path, name), new in plan_.parameters.items():  # the copy takes the new parameter for the old one
+        owner = model.get_submodule(path) if path else model
+        memo[id(owner._parameters[name])] = new
     return copy_model(model, memo)
 
 

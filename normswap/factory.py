@@ -38,6 +38,18 @@ class NeighbourEdit:
     in_place: bool = True
 
 
+@dataclass(frozen=True)
+class ParameterEdit:
+    """A new value for one parameter of another layer, or of the model itself (a class token, a position
+    embedding held by the model), where copying the module that holds it would copy the whole model.
+    ``value(old)`` returns the new value (float64 is fine: it is rounded once into the parameter's dtype)."""
+
+    path: str  # the module holding it ("" for the model itself)
+    name: str
+    value: Callable[[torch.Tensor], torch.Tensor]
+    note: str
+
+
 @dataclass
 class Built:
     """What a factory returns: the new module, what the report says about it, and any neighbour edits."""
@@ -50,6 +62,7 @@ class Built:
     # path -> the dtype of arithmetic the rewrite took out of that layer (a norm computing in float32 inside a
     # float64 model): the check's rounding floor moves those layers' tensors by that dtype's rounding step
     rounding: dict[str, torch.dtype] = field(default_factory=dict)
+    parameter_edits: list[ParameterEdit] = field(default_factory=list)
 
 
 class SkipLayer(Exception):

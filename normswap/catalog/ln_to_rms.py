@@ -24,13 +24,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..factory import Built, LayerContext, NeighbourEdit, SkipLayer
+from ..factory import Built, LayerContext, NeighbourEdit, ParameterEdit, SkipLayer
 from ..families import built_class, family_of
 from ..fold_math import centre_output_channels
 from ..graph import DataFlow, _short, describe
 from ..registry import Option, register
 from .folding import fold_base
-from .norm_affine import _absorb, _channel_index, affine_site, norm_axis
+from .norm_affine import _absorb, _channel_index, _tied_to, affine_site, norm_axis
 
 _PASS = (nn.Dropout, nn.Identity)
 _LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "to", "type_as", "float", "clone",
@@ -43,6 +43,7 @@ class Writer:
     path: str
     kind: str  # "linear" | "conv1d_t" | "conv" | "embedding"
     scale: str | None = None  # path of a LayerScale between the writer and the stream, folded into the writer
+    tied: list[str] = field(default_factory=list)  # other layers' parameters that are this writer's weight
 
 
 @dataclass
@@ -140,6 +141,8 @@ def _writer(flow: DataFlow, node: fx.Node, stream: Stream) -> str | None:
         node = node.all_input_nodes[0]
     if node.op == "call_function" and _name(node) == "cat" and not chain and scale is None:
         return _concatenated_writers(flow, node, stream)
+    if _is_add(node) and not chain and scale is None:  # a sum of writes (patch tokens + position embedding)
+        return next((why for part in node.all_input_nodes if (why := _writer(flow, part, stream))), None)
     if node.op == "get_attr":
         return _parameter_writer(node, chain, write, stream, scale)
     if node.op != "call_module":
@@ -161,7 +164,7 @@ def _writer(flow: DataFlow, node: fx.Node, stream: Stream) -> str | None:
         why = "has output channels that are not the stream's channels"
     if why:
         return f"the stream is written by {path} ({type(module).__name__}), which {why}"
-    stream.writers.append(Writer(path, kind, scale))
+    stream.writers.append(Writer(path, kind, scale, _tied_to(flow, module)))
     return None
 
 
@@ -186,9 +189,6 @@ def _parameter_writer(node: fx.Node, chain: list[fx.Node], write: fx.Node, strea
     owner, _, name = str(node.target).rpartition(".")
     if scale is not None or not _lands_on_channels(node, list(reversed(chain)), write, "parameter"):
         return f"the stream is written by the parameter {node.target}, whose last dim is not the stream's channels"
-    if not owner:
-        return (f"the stream is written by the model's own parameter {node.target}; centring a parameter held by "
-                "the model itself (not by a layer) is not supported")
     stream.writers.append(Writer(owner, f"parameter:{name}"))
     return None
 
@@ -236,12 +236,6 @@ def _is_layer_scale(flow: DataFlow, node: fx.Node) -> bool:
 
 def _centre_edit(writer: Writer, scale: torch.Tensor | None) -> NeighbourEdit:
     def write(target: nn.Module, source: nn.Module) -> list[str]:
-        if writer.kind.startswith("parameter:"):
-            name = writer.kind.partition(":")[2]
-            value = getattr(source, name).detach().double()
-            with torch.no_grad():
-                getattr(target, name).copy_(value - value.mean(dim=-1, keepdim=True))
-            return []
         w_new, b_new = centre_output_channels(source.weight, getattr(source, "bias", None), writer.kind, scale)
         with torch.no_grad():
             target.weight.copy_(w_new)
@@ -250,9 +244,10 @@ def _centre_edit(writer: Writer, scale: torch.Tensor | None) -> NeighbourEdit:
         return []
 
     note = "its output centred over the channels (the residual stream it writes must have zero mean)" + (
-        f", with {writer.scale}'s scale folded in" if writer.scale else "")
-    return NeighbourEdit(writer.path, write, note,
-                         overwrites=() if writer.kind.startswith("parameter:") else ("weight",))
+        f", with {writer.scale}'s scale folded in" if writer.scale else "") + (
+        f"; its weight was tied to {', '.join(writer.tied)} and now has its own copy (untie: true)"
+        if writer.tied else "")
+    return NeighbourEdit(writer.path, write, note, overwrites=("weight",))
 
 
 def _unit_scale_edit(path: str) -> NeighbourEdit:
@@ -264,14 +259,23 @@ def _unit_scale_edit(path: str) -> NeighbourEdit:
     return NeighbourEdit(path, write, "its scale folded into the layer before it (now 1)")
 
 
-def _stream_edits(ctx: LayerContext, stream: Stream) -> list[NeighbourEdit]:
-    edits = []
+def _centred(value: torch.Tensor) -> torch.Tensor:
+    value = value.double()
+    return value - value.mean(dim=-1, keepdim=True)
+
+
+def _stream_edits(ctx: LayerContext, stream: Stream) -> tuple[list[NeighbourEdit], list[ParameterEdit]]:
+    edits, parameters = [], []
     for w in stream.writers:
+        if w.kind.startswith("parameter:"):
+            parameters.append(ParameterEdit(w.path, w.kind.partition(":")[2], _centred,
+                                            "centred over the channels (it is written into the residual stream)"))
+            continue
         scale = ctx.layer(w.scale).gamma.detach().double() if w.scale else None
         edits.append(_centre_edit(w, scale))
         if w.scale:
             edits.append(_unit_scale_edit(w.scale))
-    return edits
+    return edits, parameters
 
 
 @functools.cache
@@ -303,24 +307,30 @@ def _rms_norm(ln: nn.Module) -> nn.Module:
     doc="LayerNorm -> RMSNorm with the same eps and γ, exact: every write into the residual stream it reads is "
         "centred, and β goes into the layers reading its output.",
     options=(Option("add_bias", bool, False, "give a reader without a bias one, to take β (else the LayerNorm "
-                                             "stays, exact on the centred stream)"),),
+                                             "stays, exact on the centred stream)"),
+             Option("untie", bool, False, "give a writer or reader whose weight is tied to another layer's (a tied "
+                                          "embedding and lm_head) its own copy")),
 )
 def rms_norm_on_centred_stream(ctx: LayerContext) -> Built:
     ln = ctx.module
     stream = residual_stream(ctx.flow, ctx.path)
     if stream.reason:
         raise SkipLayer(stream.reason)
+    tied = next((w for w in stream.writers if w.tied), None)
+    if tied is not None and not ctx.options["untie"]:
+        raise SkipLayer(f"the stream is written by {tied.path}, whose weight is tied to {', '.join(tied.tied)}: "
+                        "centring it would change that layer too; set untie: true to give it its own copy")
     if built_class(ln) not in _plain_layer_norms() or norm_axis(ln) != -1:
         raise SkipLayer(f"{type(ln).__name__}: only a plain LayerNorm over the last dim (torch's, timm's) becomes "
                         "an RMSNorm")
     owner = stream.readers[0] == ctx.path  # the first reader centres the stream, for every reader
-    edits = _stream_edits(ctx, stream) if owner else []
+    edits, parameters = _stream_edits(ctx, stream) if owner else ([], [])
     notes = [f"centred the stream it reads: {len(stream.writers)} writer(s), {len(stream.readers)} LayerNorm "
              "reader(s)"] if owner else []
     bias = getattr(ln, "bias", None)
     if bias is None:
-        return Built(_rms_norm(ln), notes + ["now an RMSNorm"], edits=edits)
-    site = affine_site(ctx.flow, ctx.path)
+        return Built(_rms_norm(ln), notes + ["now an RMSNorm"], edits=edits, parameter_edits=parameters)
+    site = affine_site(ctx.flow, ctx.path, untie=ctx.options["untie"])
     lacking = [c.path for c in site.consumers if ctx.layer(c.path).bias is None]
     why = site.reason or ("β would need a bias on " + ", ".join(lacking[:3]) + " (add_bias: true)"
                           if lacking and not ctx.options["add_bias"] else None) or (
@@ -329,12 +339,13 @@ def rms_norm_on_centred_stream(ctx: LayerContext) -> Built:
         if not owner:
             raise SkipLayer(f"stays a LayerNorm (exact on the centred stream): {why}")
         return Built(copy.deepcopy(ln), notes + [f"stays a LayerNorm (exact on the centred stream): {why}"],
-                     edits=edits)
+                     edits=edits, parameter_edits=parameters)
     gamma = torch.ones(ln.normalized_shape[-1], dtype=torch.float64, device=bias.device)
     beta = bias.detach().double()
-    edits += [_absorb(c, gamma, beta, f"{ctx.path}'s β folded in", []) for c in site.consumers]
+    edits += [_absorb(c, gamma, beta, f"{ctx.path}'s β folded in", site.tied.get(c.path, []))
+              for c in site.consumers]
     return Built(_rms_norm(ln), notes + [f"now an RMSNorm; β folded into {', '.join(c.path for c in site.consumers)}"],
-                 edits=edits)
+                 edits=edits, parameter_edits=parameters)
 
 
 
