@@ -71,3 +71,19 @@ def test_quickstart_the_demo_prints_80_columns(capsys):
     assert out[0] == "bn_to_gn on ResNet: swapped 20 BatchNorm2d → GroupNorm"
     assert "interface check: passed: outputs and gradients" in out
     assert all(len(line) <= 80 and line == line.rstrip() for line in out)
+
+
+def test_rotation_invariance_holds_after_the_fold_and_only_after_it(capsys):
+    import rotation_invariance
+
+    assert rotation_invariance.main([]) == 0
+    out = capsys.readouterr().out
+    figures = {}
+    for line in out.splitlines():
+        words = line.split()
+        if words[:1] in (["llama"], ["gpt2"]):
+            figures[(words[0], " ".join(words[1:-3]))] = float(words[-1])
+    for model in ("llama", "gpt2"):
+        assert figures[(model, "rotated folded vs folded")] < 1e-12
+        assert figures[(model, "folded vs original")] < 1e-6
+        assert figures[(model, "rotated original vs original (no fold)")] > 1e-2

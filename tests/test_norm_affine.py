@@ -213,3 +213,13 @@ def test_the_check_compares_model_outputs_leaf_by_leaf_on_keyword_inputs():
     assert not result.ok and result.first_divergence["path"] == "transformer.h.1.mlp.c_fc"
     assert any(leaf["name"] == "output['logits']" for leaf in result.leaves)
     assert normswap.check(model, copy.deepcopy(model), [ids, tokens(1)]).ok
+
+
+@pytest.mark.parametrize("make", [lambda c: nn.RMSNorm(c), lambda c: timm.layers.RmsNorm(c),
+                                  lambda c: nn.LayerNorm(c, bias=False)])
+def test_torch_and_timm_norm_classes_fold_and_keep_no_affine(make):
+    model = randomize_norms(nn.Sequential(nn.Linear(8, 16), make(16), nn.Linear(16, 4))).eval().double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    folded, report = normswap.apply(model, "fold_norm_affine", return_report=True, example_inputs=x, check=True)
+    assert skipped(report) == {} and folded[1].weight is None
+    assert rel(folded(x), model(x)) < 1e-12

@@ -261,7 +261,7 @@ def _without_affine(norm: nn.Module, form: NormForm, kept_bias: torch.Tensor | N
                                         requires_grad=norm.weight.requires_grad)
             else:
                 new.bias.copy_(kept_bias)
-    if own_class and new.weight is None and new.bias is None and hasattr(new, "elementwise_affine"):
+    if own_class and new.weight is None and getattr(new, "bias", None) is None and hasattr(new, "elementwise_affine"):
         new.elementwise_affine = False
     return new
 
