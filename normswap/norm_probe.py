@@ -41,10 +41,18 @@ def eps_of(module: nn.Module) -> float | None:
     return None
 
 
+# Libraries whose norm classes the families list by name: anything of theirs not listed is not a LayerNorm or
+# RMSNorm (BatchRenorm, EvoNorm, FilterResponseNorm), so it is never probed.
+_LISTED_LIBRARIES = ("torch.", "timm.", "torchvision.", "normswap.")
+
+
 def is_norm_like(module: nn.Module) -> bool:
-    """A leaf whose class name says norm, with a 1-d ``weight`` parameter: what the probe is tried on."""
+    """A leaf of a foreign class whose name says norm, with a 1-d ``weight`` parameter and no running
+    statistics: what the probe is tried on."""
     weight = getattr(module, "weight", None)
-    return ("norm" in type(module).__name__.lower() and not module._modules
+    cls = type(module)
+    return ("norm" in cls.__name__.lower() and not module._modules and not cls.__module__.startswith(_LISTED_LIBRARIES)
+            and getattr(module, "running_mean", None) is None
             and isinstance(weight, nn.Parameter) and weight.ndim == 1 and weight.numel() > 1)
 
 
