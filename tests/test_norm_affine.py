@@ -13,6 +13,7 @@ from normswap.errors import CheckFailedError
 from normswap.families import family_of
 from normswap.inspection import inspect_model
 from normswap.norm_probe import probe
+from normswap.rewrite import rewrite
 from normswap.testing import randomize_norms
 
 from transformer_models import build, tokens
@@ -223,3 +224,19 @@ def test_torch_and_timm_norm_classes_fold_and_keep_no_affine(make):
     folded, report = normswap.apply(model, "fold_norm_affine", return_report=True, example_inputs=x, check=True)
     assert skipped(report) == {} and folded[1].weight is None
     assert rel(folded(x), model(x)) < 1e-12
+
+
+def test_per_layer_check_lines_the_folded_layers_up_through_the_norms_affine():
+    """With the fold's own map, every layer of a correct fold agrees locally (the norms without affine and the
+    layers holding it); a wrong reader is named, not the norm before it."""
+    model, ids = build("opt", tied=False).double(), tokens()
+    done = rewrite(model, "fold_norm_affine", example_inputs=ids)
+    result = normswap.check(model, done.model, ids, layers=True, fold_map=done.plan.fold_map)
+    assert result.ok and max(row["local_rel"] for row in result.layers) < 1e-9
+    linked = {row["path"] for row in result.layers if row["compared"]}
+    assert "model.decoder.layers.0.self_attn_layer_norm" in linked and "model.decoder.layers.0.self_attn.q_proj" in linked
+    broken = copy.deepcopy(done.model)
+    with torch.no_grad():
+        broken.model.decoder.layers[1].fc1.weight[:, 0] += 0.1
+    result = normswap.check(model, broken, ids, fold_map=done.plan.fold_map)
+    assert not result.ok and result.first_divergence["path"] == "model.decoder.layers.1.fc1"
