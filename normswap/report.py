@@ -111,6 +111,10 @@ class Report:
             folded = sum(1 for c in primary if c["notes"] and c["notes"][0].startswith("folded into"))
             left = len(primary) - folded + len(self.skipped)
             text = f"{'folded' if self.applied else 'would fold'} {folded} of {folded + left} BatchNorm, {left} left"
+        elif any(r["replace"] == "fold_affine" for r in self.rules):
+            classes = sorted({c["old"] for c in primary} | {s["type"] for s in self.skipped}) or ["norm"]
+            text = (f"{'folded' if self.applied else 'would fold'} the affine of {len(primary)} of "
+                    f"{len(primary) + len(self.skipped)} {'/'.join(classes)}, {len(self.skipped)} left")
         else:
             kinds = Counter((c["old"], c["new"]) for c in primary)
             parts = [f"{n} {old} → {new}" if old != new else f"{n} {old}" for (old, new), n in kinds.items()]

@@ -85,6 +85,7 @@ def test_hugging_face_models_fold_within_their_own_float32_error(name, tied):
     if tied:  # the final norm feeds the tied lm_head: left with the reason, and nothing else left
         assert list(skipped(report)) == [final]
         assert "tied to" in skipped(report)[final] and "untie: true" in skipped(report)[final]
+        assert report.summary.endswith(", 1 left") and "folded the affine of 4 of 5 " in report.summary
     else:
         assert skipped(report) == {}
     truth = logits(copy.deepcopy(model).double(), ids)
