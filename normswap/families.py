@@ -20,6 +20,7 @@ from .norm_probe import is_norm_like, probe
 def family_classes() -> dict[str, tuple[type, ...]]:
     import timm.layers as tl
     from timm.layers import norm_act
+    from timm.models.metaformer import LayerNorm2dNoBias, LayerNormNoBias
     from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d
 
     return {
@@ -34,7 +35,7 @@ def family_classes() -> dict[str, tuple[type, ...]]:
         "frozen_batchnorm": (TvFrozenBatchNorm2d, norm_act.FrozenBatchNormAct2d),
         "groupnorm": (nn.GroupNorm, norm_act.GroupNormAct, norm_act.GroupNorm1Act),
         "layernorm": (nn.LayerNorm, tl.LayerNorm, tl.LayerNorm2d, tl.LayerNormFp32, tl.LayerNorm2dFp32,
-                      norm_act.LayerNormAct, norm_act.LayerNormAct2d),
+                      norm_act.LayerNormAct, norm_act.LayerNormAct2d, LayerNormNoBias, LayerNorm2dNoBias),
         "rmsnorm": (nn.RMSNorm, tl.RmsNorm, tl.RmsNorm2d, tl.RmsNormFp32, tl.RmsNorm2dFp32),
         "instancenorm": (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
         "conv": (

@@ -241,3 +241,38 @@ def test_per_layer_check_lines_the_folded_layers_up_through_the_norms_affine():
         broken.model.decoder.layers[1].fc1.weight[:, 0] += 0.1
     result = normswap.check(model, broken, ids, fold_map=done.plan.fold_map)
     assert not result.ok and result.first_divergence["path"] == "model.decoder.layers.1.fc1"
+
+
+class PaddedWindows(nn.Module):
+    """A norm whose output is zero-padded (window attention at a size the window does not divide), then
+    average-pooled by a strided AvgPool2d, then read by linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 4)
+        self.norm2, self.pool, self.head = nn.LayerNorm(8), nn.AvgPool2d(2), nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (B, H, W, C)
+        y = self.fc(nn.functional.pad(self.norm(x), (0, 0, 0, 1, 0, 1)))
+        z = self.pool(self.norm2(x).permute(0, 3, 1, 2)).flatten(2).mean(-1)
+        return y.sum((1, 2)), self.head(z)
+
+
+def test_zero_padding_keeps_gamma_foldable_and_beta_on_the_norm_and_average_pooling_keeps_both():
+    model = randomize_norms(PaddedWindows()).eval().double()
+    x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    folded, report = normswap.apply(model, "fold_norm_affine", return_report=True, example_inputs=x, check=True)
+    notes = {c["path"]: " ".join(c["notes"]) for c in report.changes}
+    assert skipped(report) == {}
+    assert "fc sees zero padding, where a folded β would be missing" in notes["norm"]
+    assert folded.norm.weight is None and folded.norm.bias is not None
+    assert folded.norm2.weight is None and folded.norm2.bias is None
+    assert all(rel(a, b) < 1e-12 for a, b in zip(folded(x), model(x)))
+
+
+def test_metaformer_no_bias_layer_norms_are_layer_norms():
+    model = randomize_norms(timm.create_model("caformer_s18")).eval()
+    folded, report = normswap.apply(model, "fold_norm_affine", return_report=True, input_size=(1, 3, 64, 64),
+                                    check=True)
+    assert report.check_result.ok and len(report.skipped) == 1
+    assert "residual stream" in report.skipped[0]["reason"]

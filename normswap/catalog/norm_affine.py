@@ -42,12 +42,13 @@ _PASS_MODULES = (nn.Dropout, nn.Identity)  # identities in eval mode
 
 @functools.cache
 def _replayed_modules() -> tuple[type, ...]:
-    """Modules that move elements (flatten) or average them over positions (global average pooling): followed by
-    replaying them on the channel index, like the ops above."""
+    """Modules that move elements (flatten) or average them over positions (average pooling): followed by
+    replaying them on the channel index, like the ops above (an average that takes in zero padding mixes
+    channel indices with zeros, so the line-up check refuses it)."""
     from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
 
     return (nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-            FastAdaptiveAvgPool)
+            nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, FastAdaptiveAvgPool)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -90,7 +91,7 @@ def norm_form(module: nn.Module) -> NormForm | None:
 def norm_axis(module: nn.Module) -> int | None:
     """The dim the norm normalizes: 1 for timm's channels-first 2d norms, -1 for the rest; None for a norm over
     several dims (``normalized_shape`` of length > 1), whose affine is not per channel."""
-    if built_class(module).__name__.endswith(("2d", "2dFp32")):
+    if "2d" in built_class(module).__name__:  # LayerNorm2d, RmsNorm2dFp32, MetaFormer's LayerNorm2dNoBias
         return 1
     shape = getattr(module, "normalized_shape", None)
     if shape is not None and len(tuple(shape)) != 1:
@@ -189,6 +190,8 @@ def _follow(flow, site, value, user, index, beta_ok, untie):
             site.reason = f"its output reaches {describe(user)}, which pads with values other than zero"
             return None
         beta_ok = beta_ok and not any(pads)
+        # padded positions hold zeros, not channels: marked NaN, so the line-up check at the reader skips them
+        out = torch.nn.functional.pad(index, tuple(pads), value=float("nan"))
     return user, out, beta_ok
 
 
@@ -223,11 +226,17 @@ def _consumer_problem(flow, site, value, user, module, index, beta_ok, untie) ->
             return (f"its output reaches {name}, whose weight is tied to {', '.join(tied)}; "
                     "set untie: true to give it its own copy")
         site.tied[path] = tied
-    if index.ndim == 0 or index.shape[axis] != width or not torch.equal(index, _channel_index(tuple(index.shape),
-                                                                                               axis % index.ndim)):
+    if index.ndim == 0 or index.shape[axis] != width or not _lines_up(index, axis % index.ndim):
         return f"its channels do not line up with {name}'s input features"
     site.consumers.append(Consumer(path, layout, beta_ok))
     return None
+
+
+def _lines_up(index: torch.Tensor, axis: int) -> bool:
+    """Feature c holds channel c everywhere but at padded positions (NaN), and some position is not padding."""
+    real = ~index.isnan()
+    want = _channel_index(tuple(index.shape), axis)
+    return bool(real.any()) and torch.equal(index[real], want[real])
 
 
 def _tied_to(flow: DataFlow, module: nn.Module) -> list[str]:
