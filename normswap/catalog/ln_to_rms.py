@@ -313,6 +313,9 @@ def _rms_norm(ln: nn.Module) -> nn.Module:
 )
 def rms_norm_on_centred_stream(ctx: LayerContext) -> Built:
     ln = ctx.module
+    if norm_axis(ln) != -1:
+        raise SkipLayer(f"{type(ln).__name__} normalizes channels-first maps; only a LayerNorm over the last dim "
+                        "becomes an RMSNorm")
     stream = residual_stream(ctx.flow, ctx.path)
     if stream.reason:
         raise SkipLayer(stream.reason)
