@@ -30,12 +30,10 @@ independent count is listed with the norms in question and normswap's reason for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
 import re
-import signal
 import statistics
 import time
 import warnings
@@ -44,10 +42,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _common import error_text, relative_error, tensors_of, time_limit  # also sets the thread count and import path
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from _common import timeit  # noqa: F401 - also sets the thread count and the import path
 
 import normswap
 from normswap.families import family_of
@@ -153,44 +150,6 @@ def select_models(scan: dict) -> tuple[list[str], dict]:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def error_text(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-
-
-@contextlib.contextmanager
-def time_limit(seconds: int):
-    def expire(signum, frame):
-        raise TimeoutError(f"over the {seconds} s limit")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def tensors_of(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in tensors_of(o)]
-    return []
-
-
-def relative_error(ref, out) -> float:
-    a, b = tensors_of(ref), tensors_of(out)
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return float("inf")
-    err = max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
-    scale = max(x.double().abs().max().item() for x in a)
-    return err / max(scale, 1e-30)
 
 
 def op_name(func) -> str:

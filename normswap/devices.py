@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .errors import InputSpecError
@@ -40,15 +39,6 @@ def device_named(text: str) -> torch.device:
 def torch_device_name(device: torch.device) -> str:
     """What to call the device in a report: the GPU's name for CUDA."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """The device of the model's first tensor (the CPU for a model without any)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def to_device(args: Any, device: torch.device) -> Any:

@@ -13,7 +13,6 @@ from .graph import DataFlow, describe, record, users_of
 from .inputs import make_inputs
 from .text import wrapped
 
-
 _BN = ("batchnorm", "frozen_batchnorm")
 _LN = ("layernorm", "rmsnorm", "unidentified_norm")
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 
 from .families import family_of
-from .norm_probe import probe
 from .inputs import infer_input_size, make_inputs
+from .norm_probe import probe
 
 # Spatial positions per channel the statistics should see at 1/32 of the input side
 # (the last stage of a typical CNN): batch x H x W / 1024 >= this.

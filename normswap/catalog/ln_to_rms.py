@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import functools
-
 from dataclasses import dataclass, field
 
 import torch
@@ -30,9 +29,8 @@ from ..fold_math import centre_output_channels
 from ..graph import DataFlow, _short, describe
 from ..registry import Option, register
 from .folding import fold_base
-from .norm_affine import _absorb, _channel_index, _tied_to, affine_site, norm_axis
+from .norm_affine import PASS_MODULES, absorb_edit, affine_site, beta_placement, channel_index, norm_axis, tied_to
 
-_PASS = (nn.Dropout, nn.Identity)
 _LAYOUT = {"view", "reshape", "flatten", "transpose", "permute", "contiguous", "to", "type_as", "float", "clone",
            "expand"}
 _ADDS = {"add", "__add__", "__radd__", "add_", "__iadd__"}
@@ -67,7 +65,7 @@ def _passes(flow: DataFlow, node: fx.Node) -> bool:
     """A node that hands its one input on with the same values per token (eval-mode dropout, identity, a cast,
     a reshape that keeps the channels as the last dim, as OPT's decoder layers do)."""
     if node.op == "call_module":
-        return isinstance(flow.modules[flow.canonical(node.target)].module, _PASS)
+        return isinstance(flow.modules[flow.canonical(node.target)].module, PASS_MODULES)
     if node.op != "call_function" or len(node.all_input_nodes) != 1:
         return False
     name = _name(node)
@@ -100,8 +98,8 @@ def _trace(flow: DataFlow, start: fx.Node) -> tuple[set[fx.Node], Stream]:
         if _is_add(v) or _passes(flow, v):
             for operand in v.all_input_nodes:
                 (todo if _is_stream(flow, operand, v) else writes).append(operand)
-        elif v is not start or not writes:
-            writes.append(v) if v is not start else None
+        else:  # a stream value some layer produced: a write into it
+            writes.append(v)
         for user in v.users:
             if _is_add(user) or _passes(flow, user):
                 todo.append(user)
@@ -110,8 +108,6 @@ def _trace(flow: DataFlow, start: fx.Node) -> tuple[set[fx.Node], Stream]:
                 stream.readers.append(flow.canonical(user.target))
             else:
                 stream.reason = f"the stream is also read by {describe(user)}, which sees its mean"
-    if not (_is_add(start) or _passes(flow, start)):
-        writes.append(start)
     order = {n: i for i, n in enumerate(flow.graph.nodes)}
     stream.readers = sorted(set(stream.readers), key=lambda p: order[flow.calls(p)[0]])
     for w in writes:
@@ -164,7 +160,7 @@ def _writer(flow: DataFlow, node: fx.Node, stream: Stream) -> str | None:
         why = "has output channels that are not the stream's channels"
     if why:
         return f"the stream is written by {path} ({type(module).__name__}), which {why}"
-    stream.writers.append(Writer(path, kind, scale, _tied_to(flow, module)))
+    stream.writers.append(Writer(path, kind, scale, tied_to(flow, module)))
     return None
 
 
@@ -212,7 +208,7 @@ def _lands_on_channels(writer: fx.Node, chain: list[fx.Node], write: fx.Node, ki
     shape = writer.meta.get("shape")
     if not shape or not write.meta.get("shape"):
         return False
-    index = _channel_index(tuple(shape), 1 if kind == "conv" else len(shape) - 1)
+    index = channel_index(tuple(shape), 1 if kind == "conv" else len(shape) - 1)
     prev = writer
     try:
         for node in chain:
@@ -221,7 +217,7 @@ def _lands_on_channels(writer: fx.Node, chain: list[fx.Node], write: fx.Node, ki
     except Exception:  # noqa: BLE001 - a layout that cannot be replayed cannot be proven
         return False
     return tuple(index.shape) == tuple(write.meta["shape"]) and torch.equal(
-        index, _channel_index(tuple(index.shape), index.ndim - 1))
+        index, channel_index(tuple(index.shape), index.ndim - 1))
 
 
 def _is_layer_scale(flow: DataFlow, node: fx.Node) -> bool:
@@ -334,18 +330,15 @@ def rms_norm_on_centred_stream(ctx: LayerContext) -> Built:
     if bias is None:
         return Built(_rms_norm(ln), notes + ["now an RMSNorm"], edits=edits, parameter_edits=parameters)
     site = affine_site(ctx.flow, ctx.path, untie=ctx.options["untie"])
-    lacking = [c.path for c in site.consumers if ctx.layer(c.path).bias is None]
-    why = site.reason or ("β would need a bias on " + ", ".join(lacking[:3]) + " (add_bias: true)"
-                          if lacking and not ctx.options["add_bias"] else None) or (
-        "β cannot pass zero padding" if not all(c.beta_ok for c in site.consumers) else None)
+    beta = bias.detach().double()
+    why = site.reason or beta_placement(site, ctx, beta)[1]
     if why:
         if not owner:
             raise SkipLayer(f"stays a LayerNorm (exact on the centred stream): {why}")
         return Built(copy.deepcopy(ln), notes + [f"stays a LayerNorm (exact on the centred stream): {why}"],
                      edits=edits, parameter_edits=parameters)
     gamma = torch.ones(ln.normalized_shape[-1], dtype=torch.float64, device=bias.device)
-    beta = bias.detach().double()
-    edits += [_absorb(c, gamma, beta, f"{ctx.path}'s β folded in", site.tied.get(c.path, []))
+    edits += [absorb_edit(c, gamma, beta, f"{ctx.path}'s β folded in", site.tied.get(c.path, []))
               for c in site.consumers]
     return Built(_rms_norm(ln), notes + [f"now an RMSNorm; β folded into {', '.join(c.path for c in site.consumers)}"],
                  edits=edits, parameter_edits=parameters)

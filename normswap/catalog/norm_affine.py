@@ -37,7 +37,7 @@ _MOVES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "co
           "expand", "split", "chunk", "unbind", "dropout"}
 _CASTS = {"to", "type", "float", "double", "half", "bfloat16", "type_as"}  # values kept: not replayed
 _AVERAGES = {"mean"}  # β survives an average over tokens
-_PASS_MODULES = (nn.Dropout, nn.Identity)  # identities in eval mode
+PASS_MODULES = (nn.Dropout, nn.Identity)  # identities in eval mode
 
 
 @functools.cache
@@ -99,7 +99,7 @@ def norm_axis(module: nn.Module) -> int | None:
     return -1
 
 
-def _channel_index(shape: tuple[int, ...], axis: int) -> torch.Tensor:
+def channel_index(shape: tuple[int, ...], axis: int) -> torch.Tensor:
     view = [1] * len(shape)
     view[axis] = shape[axis]
     return torch.arange(shape[axis], dtype=torch.float64).reshape(view).expand(shape).contiguous()
@@ -116,7 +116,7 @@ def affine_site(flow: DataFlow, path: str, *, untie: bool = False) -> AffineSite
         return site
     node = mc.nodes[0]
     axis = norm_axis(norm) % len(node.meta["shape"])
-    frontier = [(node, _channel_index(tuple(node.meta["shape"]), axis), True)]
+    frontier = [(node, channel_index(tuple(node.meta["shape"]), axis), True)]
     while frontier and site.reason is None:
         value, index, beta_ok = frontier.pop()
         for user in sorted(value.users, key=lambda u: u.op != "call_function"):  # an add explains most
@@ -151,7 +151,7 @@ def _follow(flow, site, value, user, index, beta_ok, untie):
     next (node, index, beta_ok) to follow), or anything else (the site's reason)."""
     if user.op == "call_module":
         module = flow.modules[user.target].module
-        if isinstance(module, _PASS_MODULES):  # identities in eval mode, where a folded model runs
+        if isinstance(module, PASS_MODULES):  # identities in eval mode, where a folded model runs
             return user, index, beta_ok
         if isinstance(module, _replayed_modules()) and len(user.all_input_nodes) == 1:
             try:
@@ -210,15 +210,15 @@ def _consumer_problem(flow, site, value, user, module, index, beta_ok, untie) ->
             layout, axis, width = "linear", -1, module.in_features
         elif base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
             layout, axis, width = "conv", 1, module.in_channels
-            zero_padded = module.padding_mode == "zeros" and any(p != 0 for p in module._reversed_padding_repeated_twice)
-            beta_ok = beta_ok and not zero_padded
+            pads = module._reversed_padding_repeated_twice
+            beta_ok = beta_ok and not (module.padding_mode == "zeros" and any(p != 0 for p in pads))
         else:
             return f"its output reaches {name}, which cannot absorb it (not a linear or conv layer)"
         why = target_problem(module, bake=False)
         if why:
             return f"its output reaches {why}"
     read = flow.tensors_read_outside(module)
-    tied = _tied_to(flow, module)
+    tied = tied_to(flow, module)
     if read and not tied:
         return f"the forward also reads {name}'s {', '.join(read)} outside it, and would read the folded values"
     if tied:
@@ -235,11 +235,11 @@ def _consumer_problem(flow, site, value, user, module, index, beta_ok, untie) ->
 def _lines_up(index: torch.Tensor, axis: int) -> bool:
     """Feature c holds channel c everywhere but at padded positions (NaN), and some position is not padding."""
     real = ~index.isnan()
-    want = _channel_index(tuple(index.shape), axis)
+    want = channel_index(tuple(index.shape), axis)
     return bool(real.any()) and torch.equal(index[real], want[real])
 
 
-def _tied_to(flow: DataFlow, module: nn.Module) -> list[str]:
+def tied_to(flow: DataFlow, module: nn.Module) -> list[str]:
     """``path.name`` of every other layer's parameter that is ``module``'s weight (a tied head / embedding)."""
     mine = id(module.weight)
     return [f"{p}.{n}" for p, mc in flow.modules.items() if mc.module is not module
@@ -275,7 +275,7 @@ def _without_affine(norm: nn.Module, form: NormForm, kept_bias: torch.Tensor | N
     return new
 
 
-def _absorb(consumer: Consumer, gamma: torch.Tensor, beta: torch.Tensor | None, note: str,
+def absorb_edit(consumer: Consumer, gamma: torch.Tensor, beta: torch.Tensor | None, note: str,
             tied: list[str]) -> NeighbourEdit:
     """γ into the consumer's input columns, β (when given) into its bias, in float64, rounded once."""
 
@@ -300,17 +300,16 @@ def _absorb(consumer: Consumer, gamma: torch.Tensor, beta: torch.Tensor | None, 
     return NeighbourEdit(consumer.path, write, note, overwrites=("weight",), in_place=not tied)
 
 
-def _beta_placement(site: AffineSite, ctx: LayerContext, beta: torch.Tensor | None) -> tuple[str, str | None]:
-    """("consumers" | "norm" | "none", why β stays on the norm)."""
+def beta_placement(site: AffineSite, ctx: LayerContext, beta: torch.Tensor | None) -> tuple[str, str | None]:
+    """("consumers" | "norm" | "none", why β cannot go to the readers): where a norm's β can go."""
     if beta is None:
         return "none", None
     if not all(c.beta_ok for c in site.consumers):
         bad = next(c.path for c in site.consumers if not c.beta_ok)
-        return "norm", f"β stays on the norm (as β/γ): {bad} sees zero padding, where a folded β would be missing"
+        return "norm", f"{bad} sees zero padding, where a folded β would be missing"
     lacking = [c.path for c in site.consumers if ctx.layer(c.path).bias is None]
     if lacking and not ctx.options["add_bias"]:
-        return "norm", (f"β stays on the norm (as β/γ): {', '.join(lacking[:3])} has no bias; add_bias: true "
-                        "creates one")
+        return "norm", f"{', '.join(lacking[:3])} has no bias; add_bias: true creates one"
     return "consumers", None
 
 
@@ -354,7 +353,7 @@ def fold_affine(ctx: LayerContext) -> Built:
         raise SkipLayer("it has no affine to fold", quiet=True)
     gamma, beta = norm_affine(norm.weight, getattr(norm, "bias", None) if form.has_bias else None, form.offset,
                               int(norm.weight.numel() if norm.weight is not None else norm.bias.numel()))
-    placement, why_kept = _beta_placement(site, ctx, beta)
+    placement, why_kept = beta_placement(site, ctx, beta)
     kept = None
     if placement == "norm":
         if bool((gamma.abs() <= gamma.abs().max() * 1e-6).any()):
@@ -362,8 +361,9 @@ def fold_affine(ctx: LayerContext) -> Built:
         kept = beta / gamma
     folded_beta = beta if placement == "consumers" else None
     note = f"{ctx.path}'s γ" + (" and β" if folded_beta is not None else "") + " folded in"
-    edits = [_absorb(c, gamma, folded_beta, note, site.tied.get(c.path, [])) for c in site.consumers]
-    notes = [f"affine folded into {', '.join(c.path for c in site.consumers)}"] + ([why_kept] if why_kept else [])
+    edits = [absorb_edit(c, gamma, folded_beta, note, site.tied.get(c.path, [])) for c in site.consumers]
+    notes = [f"affine folded into {', '.join(c.path for c in site.consumers)}"] + (
+        [f"β stays on the norm (as β/γ): {why_kept}"] if why_kept else [])
     if any(folded_beta is not None and ctx.layer(c.path).bias is None for c in site.consumers):
         notes.append("bias added to a layer that had none (add_bias: true): a Hugging Face config that says the "
                      "layer has no bias loses it in save_pretrained/from_pretrained")

@@ -37,10 +37,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..devices import device_of, to_device
+from ..devices import to_device
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
 from ..fold_math import bn_affine
+from ..inputs import model_dtype_device
 from ..verify.metrics import channel_affine, cosine, looks_like_logits, top1_matches
 from .lockstep import Lockstep
 from .processes import gathered, summed
@@ -347,7 +348,7 @@ def calibrate(original: nn.Module, candidate: nn.Module, swaps: dict[str, nn.Mod
 
     if fit not in FITS:
         raise InputSpecError(f"unknown calibration fit {fit!r}", fix=f"use one of {', '.join(FITS)}")
-    data = [to_device(as_args(b), device_of(candidate)) for b in batches]  # the data goes where the model is
+    data = [to_device(as_args(b), model_dtype_device(candidate)[1]) for b in batches]  # to where the model is
     fit_on, held_back = hold_back(data)
     shards = _shards(data, len(held_back), group)
     batches_in_all, held_in_all, samples = (int(v) for v in shards[:, :3].sum(0))

@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from ..calls import as_args
-from ..devices import device_of, to_device
+from ..devices import to_device
 from ..errors import InputSpecError, NormswapError
 from ..families import family_of
+from ..inputs import model_dtype_device
 from .lockstep import Lockstep, Stop
 from .moments import Moments, chunk_moments, combine_all
 from .processes import all_reduce_int, gathered, world
@@ -264,7 +265,7 @@ def recalibrate(
         raise InputSpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(max_samples, int) or max_samples < 1:
         raise InputSpecError(f"max_samples must be a positive integer, got {max_samples!r}")
-    data = to_device(_batches(batches), device_of(model))  # the data goes where the model is
+    data = to_device(_batches(batches), model_dtype_device(model)[1])  # the data goes where the model is
     rank, processes = world(group)
     if all_reduce_int(sum(int(b[0].shape[0]) for b in data), group, "min") == 0:
         raise InputSpecError("no data to recalibrate on" + (" (a process has an empty shard)" if processes > 1 else ""),

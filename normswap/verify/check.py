@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..calls import as_args, run
-from ..devices import device_of, to_device
+from ..devices import to_device
 from ..errors import InputSpecError, NormswapError
 from ..fold_map import FoldLink
 from ..inputs import infer_input_size, make_inputs, model_dtype_device
@@ -219,7 +219,7 @@ def _leaf_names(out: Any) -> list[str]:
 def _input_list(reference: nn.Module, inputs: Any, input_size, n_inputs: int, seed: int, batch: int) -> list[tuple]:
     if inputs is None:
         return [as_args(make_inputs(reference, input_size, batch=batch, seed=seed + i)) for i in range(n_inputs)]
-    device = device_of(reference)  # the user's inputs go where the model is
+    device = model_dtype_device(reference)[1]  # the user's inputs go where the model is
     return [to_device(as_args(x), device) for x in (inputs if isinstance(inputs, list) else [inputs])]
 
 
